@@ -1,0 +1,405 @@
+"""WebSocket protocol between worker and router.
+
+Every frame is one text frame holding one JSON object with a string field ``type``. The names
+and shapes follow the original Go Auxot (reference §1) where they are sound, with these
+additions:
+
+- ``hello.policy_only``: the worker's first connection only fetches the policy and is never
+  given jobs (Go treated it as a full worker and could strand a job on it).
+- ``hello_ack.success = false`` with ``error`` is the one explicit rejection of a bad GPU key.
+- ``complete.finish_reason`` carries llama-server's true finish reason (``length``!).
+- ``complete.input_tokens`` counts the whole prompt, KV-cache hits included; ``cache_tokens``
+  says how many of those were cache hits.
+- ``tool_call_delta`` streams tool-call fragments as llama-server produces them.
+- ``error.status`` carries the HTTP status llama-server answered with, so that a prompt that
+  does not fit becomes a 400 for the caller instead of a 500.
+- ``job.stream`` tells the worker whether the caller streams; tokens of a non-streaming job are
+  not sent one by one, only the ``complete`` with the full text.
+
+Fields left at their default are omitted from the JSON (Go's ``omitempty``), except those
+listed in a class's ``_always`` set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+
+JSONObject = dict[str, Any]
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid protocol message."""
+
+
+@dataclass(slots=True)
+class Capabilities:
+    """What a worker serves. ``backend``/``model`` are ``"pending"`` on a policy-only hello."""
+
+    backend: str = "pending"
+    model: str = "pending"
+    ctx_size: int = 0
+    vram_gb: float = 0.0
+    parameters: str = ""
+    total_slots: int = 0
+    model_capabilities: list[str] = field(default_factory=list)
+    gpus: list[JSONObject] = field(default_factory=list)
+    draining: bool = False  # shutting down: finish running jobs, take no new ones
+
+    _always: ClassVar[frozenset[str]] = frozenset({"backend", "model", "ctx_size"})
+
+    def to_dict(self) -> JSONObject:
+        return _fields_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Capabilities:
+        return _from_dict(cls, data if isinstance(data, dict) else {})
+
+
+@dataclass(slots=True)
+class Policy:
+    """What the router asks a worker to serve: the full model resolution.
+
+    ``context_size`` is per slot; llama-server gets ``context_size * max_parallelism``.
+    ``files`` lists every file of the model (all shards of a split GGUF), relative to the
+    Hugging Face repository ``huggingface_id``.
+    """
+
+    model_name: str
+    quantization: str = ""
+    context_size: int = 0
+    max_parallelism: int = 1
+    capabilities: list[str] = field(default_factory=list)
+    huggingface_id: str = ""
+    files: list[str] = field(default_factory=list)
+    mmproj_file: str = ""
+    family: str = ""
+    parameters: str = ""
+
+    _always: ClassVar[frozenset[str]] = frozenset(
+        {"model_name", "quantization", "context_size", "max_parallelism", "capabilities"}
+    )
+
+    def to_dict(self) -> JSONObject:
+        return _fields_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Policy:
+        if not isinstance(data, dict) or not isinstance(data.get("model_name"), str):
+            raise ProtocolError("policy needs a model_name")
+        return _from_dict(cls, data)
+
+
+# --- worker -> router -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Hello:
+    gpu_key: str
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    policy_only: bool = False
+    type: ClassVar[str] = "hello"
+    _always: ClassVar[frozenset[str]] = frozenset({"gpu_key", "capabilities"})
+
+
+@dataclass(slots=True)
+class Config:
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    type: ClassVar[str] = "config"
+    _always: ClassVar[frozenset[str]] = frozenset({"capabilities"})
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    type: ClassVar[str] = "heartbeat"
+    _always: ClassVar[frozenset[str]] = frozenset()
+
+
+@dataclass(slots=True)
+class Token:
+    """One or more text fragments of a job; fragments that arrived together travel together."""
+
+    job_id: str
+    token: str
+    reasoning: bool = False
+    type: ClassVar[str] = "token"
+    _always: ClassVar[frozenset[str]] = frozenset({"job_id", "token"})
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """OpenAI ``delta.tool_calls`` entries exactly as llama-server streamed them."""
+
+    job_id: str
+    tool_calls: list[JSONObject]
+    type: ClassVar[str] = "tool_call_delta"
+    _always: ClassVar[frozenset[str]] = frozenset({"job_id", "tool_calls"})
+
+
+@dataclass(slots=True)
+class Complete:
+    job_id: str
+    full_response: str = ""
+    finish_reason: str = "stop"
+    duration_ms: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_tokens: int = 0
+    tool_calls: list[JSONObject] = field(default_factory=list)
+    reasoning_content: str = ""
+    reasoning_tokens: int = 0
+    logprobs: JSONObject | None = None
+    type: ClassVar[str] = "complete"
+    _always: ClassVar[frozenset[str]] = frozenset({"job_id", "full_response", "finish_reason"})
+
+
+@dataclass(slots=True)
+class Error:
+    """A job failure (``job_id`` set) or a connection-level error."""
+
+    error: str
+    job_id: str = ""
+    details: str = ""
+    status: int = 0
+    type: ClassVar[str] = "error"
+    _always: ClassVar[frozenset[str]] = frozenset({"error"})
+
+
+@dataclass(slots=True)
+class PromptProgress:
+    job_id: str
+    total: int = 0
+    cached: int = 0
+    processed: int = 0
+    type: ClassVar[str] = "prompt_progress"
+    _always: ClassVar[frozenset[str]] = frozenset({"job_id"})
+
+
+# --- router -> worker -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class HelloAck:
+    success: bool
+    gpu_id: str = ""
+    policy: Policy | None = None
+    error: str = ""
+    type: ClassVar[str] = "hello_ack"
+    _always: ClassVar[frozenset[str]] = frozenset({"success"})
+
+
+@dataclass(slots=True)
+class HeartbeatAck:
+    type: ClassVar[str] = "heartbeat_ack"
+    _always: ClassVar[frozenset[str]] = frozenset()
+
+
+@dataclass(slots=True)
+class ConfigAck:
+    success: bool = True
+    error: str = ""
+    type: ClassVar[str] = "config_ack"
+    _always: ClassVar[frozenset[str]] = frozenset({"success"})
+
+
+@dataclass(slots=True)
+class Job:
+    """A unit of work.
+
+    ``kind`` names the llama-server endpoint: ``chat`` (``/v1/chat/completions``),
+    ``completion`` (``/v1/completions``, ``params.prompt``) or ``tokenize`` (render
+    ``messages``/``tools`` with the chat template and count tokens).
+    ``params`` holds every other request field passed through to llama-server as is
+    (``top_p``, ``stop``, ``seed``, ``response_format``, ``tool_choice``, ...).
+    ``reply_to`` is the router instance holding the caller's HTTP request.
+    """
+
+    job_id: str
+    messages: list[JSONObject] = field(default_factory=list)
+    tools: list[JSONObject] = field(default_factory=list)
+    temperature: float | None = None
+    max_tokens: int | None = None
+    reasoning_effort: str = ""
+    stream: bool = False
+    kind: str = "chat"
+    params: JSONObject = field(default_factory=dict)
+    reply_to: str = ""
+    attempt: int = 1
+    deadline: float = 0.0
+    type: ClassVar[str] = "job"
+    _always: ClassVar[frozenset[str]] = frozenset({"job_id", "messages"})
+
+
+@dataclass(slots=True)
+class Cancel:
+    job_id: str
+    type: ClassVar[str] = "cancel"
+    _always: ClassVar[frozenset[str]] = frozenset({"job_id"})
+
+
+@dataclass(slots=True)
+class PolicyUpdate:
+    policy: Policy
+    type: ClassVar[str] = "policy_update"
+    _always: ClassVar[frozenset[str]] = frozenset({"policy"})
+
+
+# --- router <-> router (relayed through Redis, never on a worker's socket) ----------------------
+
+
+@dataclass(slots=True)
+class Dispatched:
+    """A job reached a worker: where to send ``cancel`` if its caller goes away."""
+
+    job_id: str
+    worker_id: str
+    instance_id: str
+    type: ClassVar[str] = "dispatched"
+    _always: ClassVar[frozenset[str]] = frozenset({"job_id", "worker_id", "instance_id"})
+
+
+@dataclass(slots=True)
+class WorkerLost:
+    """The worker running a job went away before finishing it; the job's owner decides what next."""
+
+    job_id: str
+    reason: str = ""
+    type: ClassVar[str] = "worker_lost"
+    _always: ClassVar[frozenset[str]] = frozenset({"job_id"})
+
+
+Message = (
+    Hello
+    | Config
+    | Heartbeat
+    | Token
+    | ToolCallDelta
+    | Complete
+    | Error
+    | PromptProgress
+    | HelloAck
+    | HeartbeatAck
+    | ConfigAck
+    | Job
+    | Cancel
+    | PolicyUpdate
+    | Dispatched
+    | WorkerLost
+)
+
+MESSAGE_TYPES: dict[str, type[Any]] = {
+    cls.type: cls
+    for cls in (
+        Hello,
+        Config,
+        Heartbeat,
+        Token,
+        ToolCallDelta,
+        Complete,
+        Error,
+        PromptProgress,
+        HelloAck,
+        HeartbeatAck,
+        ConfigAck,
+        Job,
+        Cancel,
+        PolicyUpdate,
+        Dispatched,
+        WorkerLost,
+    )
+}
+
+_NESTED: dict[str, Any] = {"Capabilities": Capabilities, "Policy": Policy, "Policy | None": Policy}
+
+
+def encode(message: Message) -> bytes:
+    """Serialise a message to the JSON bytes of one text frame."""
+    if type(message) is Token:  # the hot path: one per batch of streamed text
+        if message.reasoning:
+            return orjson.dumps(
+                {"type": "token", "job_id": message.job_id, "token": message.token, "reasoning": True}
+            )
+        return orjson.dumps({"type": "token", "job_id": message.job_id, "token": message.token})
+    body = _fields_to_dict(message)
+    return orjson.dumps({"type": message.type, **body})
+
+
+def decode(data: str | bytes) -> Message:
+    """Parse one frame. Raises :class:`ProtocolError` for anything that is not a known message."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"invalid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("a message must be a JSON object")
+    kind = obj.get("type")
+    if kind == "token":  # the hot path
+        job_id, token = obj.get("job_id"), obj.get("token")
+        reasoning = obj.get("reasoning", False)
+        if isinstance(job_id, str) and isinstance(token, str) and isinstance(reasoning, bool):
+            return Token(job_id, token, reasoning)
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type: {kind!r}")
+    try:
+        return _from_dict(cls, obj)  # type: ignore[no-any-return]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad {kind} message: {exc}") from None
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value == "" or value == [] or value == {}
+
+
+def _fields_to_dict(obj: Any) -> JSONObject:
+    always = obj._always
+    out: JSONObject = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name not in always and _is_empty(value):
+            continue
+        if hasattr(value, "to_dict"):
+            value = value.to_dict()
+        out[f.name] = value
+    return out
+
+
+def _from_dict(cls: Any, data: JSONObject) -> Any:
+    kwargs: JSONObject = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        nested = _NESTED.get(f.type if isinstance(f.type, str) else "")
+        if nested is not None and value is not None:
+            value = nested.from_dict(value)
+        kwargs[f.name] = value
+    obj = cls(**kwargs)
+    _check_types(obj)
+    return obj
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "bool": (bool,),
+    "int": (int,),
+    "float": (int, float),
+}
+
+
+def _check_types(obj: Any) -> None:
+    """Reject fields whose JSON type does not match the annotation (a cheap guard, not a schema)."""
+    for f in dataclasses.fields(obj):
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        expected = _SCALARS.get(annotation)
+        value = getattr(obj, f.name)
+        if expected is not None:
+            if not isinstance(value, expected) or (annotation in ("int", "float") and isinstance(value, bool)):
+                raise ValueError(f"{f.name} must be {annotation}")
+        elif annotation.startswith("list") and not isinstance(value, list):
+            raise ValueError(f"{f.name} must be a list")
+        elif annotation.startswith("JSONObject") and not annotation.endswith("None") and not isinstance(value, dict):
+            raise ValueError(f"{f.name} must be an object")

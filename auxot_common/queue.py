@@ -1,0 +1,286 @@
+"""The job queue and the router-to-router relay, on Redis Streams.
+
+Keys (``prefix`` defaults to ``auxot:``):
+
+==============================  ======  ===========================================================
+``{p}jobs``                      stream  one entry per job: ``job_id``, ``data`` (the job message)
+group ``workers`` on it          group   one consumer per *router instance* (see below)
+``{p}inbox:{instance}``          stream  relay of job events to the instance holding the caller
+``{p}cancelled:{job_id}``        string  set when a caller gave up; dispatch skips the job
+``{p}instance:{instance}``       string  the instance is alive (TTL); the sweeper reads it
+``{p}worker:{worker_id}``        string  JSON about a connected worker (TTL, refreshed only by the
+                                         worker's own heartbeats); ``/health`` lists the cluster
+==============================  ======  ===========================================================
+
+Why one consumer per router instance rather than per worker (the Go design): the instance holding
+worker sockets reads exactly as many jobs as its workers have free slots (``COUNT`` = free slots,
+never re-reading its own pending list) and hands each to its least-busy worker. That is one
+blocking Redis connection per instance instead of one per worker, least-busy placement for free,
+and room for targeted dispatch (prompt-cache affinity) later. A job stays in the instance's
+pending list until it completes; if the instance dies, its ``instance`` key expires and another
+instance's sweeper claims the entries with a min-idle no smaller than the dead-instance timeout,
+so two sweepers can never both take one job.
+
+The embedded store (fakeredis) ignores ``BLOCK``, so in embedded mode reads wait on an in-process
+event that :meth:`StreamQueue.enqueue` sets; with a real Redis they block server-side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from auxot_common.protocol import Job, ProtocolError, decode
+
+log = logging.getLogger("auxot.queue")
+
+GROUP = "workers"
+INBOX_MAXLEN = 100_000
+INBOX_TTL_S = 600
+CANCELLED_TTL_S = 3600
+
+JobEntry = tuple[str, Job | None]  # (stream entry id, job or None if the entry was unreadable)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class StreamQueue:
+    """Jobs, relay, cancel markers and liveness keys for one router instance.
+
+    Parameters:
+        redis: a ``redis.asyncio.Redis`` (real) or ``fakeredis.FakeAsyncRedis`` (embedded).
+        instance_id: this router instance; its consumer name and inbox.
+        prefix: key prefix, ``auxot:`` in production, unique per test.
+        server_blocking: True for a real Redis (honours ``BLOCK``), False for the embedded one.
+    """
+
+    def __init__(self, redis: Redis, *, instance_id: str, prefix: str = "auxot:", server_blocking: bool) -> None:
+        self.redis = redis
+        self.instance_id = instance_id
+        self.prefix = prefix
+        self.jobs_key = f"{prefix}jobs"
+        self._server_blocking = server_blocking
+        self._jobs_added = asyncio.Event()
+        self._inbox_added = asyncio.Event()
+        self._inbox_last_id = "0-0"
+
+    # --- keys -----------------------------------------------------------------------------------
+
+    def inbox_key(self, instance_id: str) -> str:
+        return f"{self.prefix}inbox:{instance_id}"
+
+    def _cancelled_key(self, job_id: str) -> str:
+        return f"{self.prefix}cancelled:{job_id}"
+
+    def _instance_key(self, instance_id: str) -> str:
+        return f"{self.prefix}instance:{instance_id}"
+
+    def _worker_key(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}"
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.jobs_key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def enqueue(self, job: Job, data: bytes) -> str:
+        """Append a job (``data`` is its encoded message) and wake local readers."""
+        entry_id = await self.redis.xadd(self.jobs_key, {"job_id": job.job_id, "data": data})
+        self._jobs_added.set()
+        return _text(entry_id)
+
+    async def depth(self) -> int:
+        """Jobs waiting for a worker: entries not yet delivered to any instance."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.jobs_key)
+            pipe.xpending(self.jobs_key, GROUP)
+            length, pending = await pipe.execute()
+        return max(int(length) - int(pending["pending"]), 0)
+
+    async def read_jobs(self, count: int, timeout: float) -> list[JobEntry]:
+        """Take up to ``count`` new jobs for this instance, waiting at most ``timeout`` seconds."""
+        self._jobs_added.clear()
+        entries = await self._xreadgroup(count, block_ms=int(timeout * 1000) if self._server_blocking else None)
+        if not entries and not self._server_blocking:
+            try:
+                await asyncio.wait_for(self._jobs_added.wait(), timeout)
+            except TimeoutError:
+                return []
+            entries = await self._xreadgroup(count, block_ms=None)
+        return entries
+
+    async def _xreadgroup(self, count: int, block_ms: int | None) -> list[JobEntry]:
+        reply = await self.redis.xreadgroup(
+            GROUP, self.instance_id, {self.jobs_key: ">"}, count=count, block=block_ms
+        )
+        return [_job_entry(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+
+    async def ack(self, entry_ids: list[str]) -> None:
+        """Finish entries: XACK then XDEL, in one round trip."""
+        if not entry_ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self.jobs_key, GROUP, *entry_ids)
+            pipe.xdel(self.jobs_key, *entry_ids)
+            await pipe.execute()
+
+    # --- cancellation ---------------------------------------------------------------------------
+
+    async def mark_cancelled(self, job_id: str) -> None:
+        await self.redis.set(self._cancelled_key(job_id), b"1", ex=CANCELLED_TTL_S)
+
+    async def cancelled(self, job_ids: list[str]) -> set[str]:
+        if not job_ids:
+            return set()
+        values = await self.redis.mget([self._cancelled_key(j) for j in job_ids])
+        return {job_id for job_id, value in zip(job_ids, values, strict=True) if value is not None}
+
+    # --- relay between instances ----------------------------------------------------------------
+
+    async def publish(self, batches: dict[str, list[bytes]]) -> None:
+        """Append encoded messages to other instances' inboxes: one pipeline for all of them."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for instance_id, payloads in batches.items():
+                key = self.inbox_key(instance_id)
+                for payload in payloads:
+                    pipe.xadd(key, {"m": payload}, maxlen=INBOX_MAXLEN, approximate=True)
+                pipe.expire(key, INBOX_TTL_S)
+            await pipe.execute()
+        if self.instance_id in batches:
+            self._inbox_added.set()
+
+    async def read_inbox(self, timeout: float) -> list[bytes]:
+        """Messages other instances relayed to this one, oldest first; read entries are deleted."""
+        key = self.inbox_key(self.instance_id)
+        self._inbox_added.clear()
+        block = int(timeout * 1000) if self._server_blocking else None
+        reply = await self.redis.xread({key: self._inbox_last_id}, count=1000, block=block)
+        if not reply and not self._server_blocking:
+            try:
+                await asyncio.wait_for(self._inbox_added.wait(), timeout)
+            except TimeoutError:
+                return []
+            reply = await self.redis.xread({key: self._inbox_last_id}, count=1000)
+        if not reply:
+            return []
+        entries = reply[0][1]
+        self._inbox_last_id = _text(entries[-1][0])
+        await self.redis.xdel(key, *[entry_id for entry_id, _ in entries])
+        return [fields[b"m"] for _, fields in entries if b"m" in fields]
+
+    # --- liveness -------------------------------------------------------------------------------
+
+    async def beat_instance(self, ttl_s: float) -> None:
+        await self.redis.set(self._instance_key(self.instance_id), b"1", px=int(ttl_s * 1000))
+
+    async def drop_instance(self) -> None:
+        await self.redis.delete(self._instance_key(self.instance_id))
+
+    async def instance_alive(self, instance_id: str) -> bool:
+        return bool(await self.redis.exists(self._instance_key(instance_id)))
+
+    async def beat_worker(self, worker_id: str, info: dict[str, Any], ttl_s: float) -> None:
+        await self.redis.set(self._worker_key(worker_id), orjson.dumps(info), px=int(ttl_s * 1000))
+
+    async def drop_worker(self, worker_id: str) -> None:
+        await self.redis.delete(self._worker_key(worker_id))
+
+    async def cluster_workers(self) -> list[dict[str, Any]]:
+        """Every live worker of every instance sharing this Redis."""
+        keys = [key async for key in self.redis.scan_iter(match=f"{self.prefix}worker:*", count=200)]
+        if not keys:
+            return []
+        values = await self.redis.mget(keys)
+        return [orjson.loads(v) for v in values if v is not None]
+
+    # --- recovery -------------------------------------------------------------------------------
+
+    async def reclaim_from_dead_instances(self, min_idle_s: float) -> list[JobEntry]:
+        """Claim the pending jobs of instances whose liveness key expired.
+
+        ``min_idle_s`` must be no smaller than the instance TTL: XCLAIM resets the idle time, so
+        of two sweepers racing for one entry only the first gets it.
+        """
+        summary = await self.redis.xpending(self.jobs_key, GROUP)
+        claimed: list[JobEntry] = []
+        for consumer in summary.get("consumers") or []:
+            name = _text(consumer["name"])
+            if name == self.instance_id or await self.instance_alive(name):
+                continue
+            claimed.extend(await self._claim_all(name, int(min_idle_s * 1000)))
+        return claimed
+
+    async def _claim_all(self, consumer: str, min_idle_ms: int) -> list[JobEntry]:
+        claimed: list[JobEntry] = []
+        while True:
+            pending = await self.redis.xpending_range(
+                self.jobs_key, GROUP, min="-", max="+", count=100, consumername=consumer, idle=min_idle_ms
+            )
+            if not pending:
+                break
+            ids = [p["message_id"] for p in pending]
+            entries = await self.redis.xclaim(self.jobs_key, GROUP, self.instance_id, min_idle_ms, ids)
+            claimed.extend(_job_entry(entry_id, fields) for entry_id, fields in entries if fields)
+            if len(pending) < 100:
+                break
+        remaining = await self.redis.xpending_range(
+            self.jobs_key, GROUP, min="-", max="+", count=1, consumername=consumer
+        )
+        if not remaining:
+            await self.redis.xgroup_delconsumer(self.jobs_key, GROUP, consumer)
+        if claimed:
+            log.warning("reclaimed jobs from a dead router instance", extra={"instance": consumer, "jobs": len(claimed)})
+        return claimed
+
+
+def _job_entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> JobEntry:
+    try:
+        message = decode(fields[b"data"])
+    except (KeyError, ProtocolError):
+        return _text(entry_id), None
+    return _text(entry_id), message if isinstance(message, Job) else None
+
+
+class RelayPublisher:
+    """Buffers messages for other instances and flushes them in one pipeline per loop turn.
+
+    Order is kept per destination, which is what a job's events need. A failed flush is logged
+    and dropped: the owner's job timeout and the sweeper cover what is lost.
+    """
+
+    def __init__(self, queue: StreamQueue) -> None:
+        self._queue = queue
+        self._pending: defaultdict[str, list[bytes]] = defaultdict(list)
+        self._flushing: asyncio.Task[None] | None = None
+
+    def send(self, instance_id: str, payload: bytes) -> None:
+        self._pending[instance_id].append(payload)
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batches, self._pending = dict(self._pending), defaultdict(list)
+                try:
+                    await self._queue.publish(batches)
+                except Exception:
+                    log.exception("relay publish failed", extra={"instances": list(batches)})
+        finally:
+            self._flushing = None
+
+    async def close(self) -> None:
+        if self._flushing is not None:
+            await asyncio.shield(self._flushing)

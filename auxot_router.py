@@ -1,0 +1,1202 @@
+#!/usr/bin/env python3
+"""Auxot router: OpenAI- and Anthropic-compatible APIs in front of GPU workers.
+
+One aiohttp application on one event loop serves the HTTP APIs (with SSE streaming), ``/health``
+and the worker WebSocket hub ``/ws``. Jobs go through Redis Streams (embedded fakeredis by
+default, ``AUXOT_REDIS_URL`` for a real Redis shared by several routers). Tokens travel from the
+worker socket straight to the waiting request when both are on this instance, and through the
+owner's Redis inbox otherwise.
+
+Reading order: configuration, worker pool, job tracking, dispatch, HTTP plumbing (errors, auth),
+handlers, background tasks, application wiring, command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import WSMsgType, web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from auxot_common import protocol as proto
+from auxot_common.auth import (
+    API_KEY_PREFIX,
+    GPU_KEY_PREFIX,
+    FailureLimiter,
+    KeyVerifier,
+    NamedHash,
+    generate_key,
+    hash_key,
+    parse_hashes,
+)
+from auxot_common.logs import redact_url, setup_logging
+from auxot_common.openai_api import (
+    KEEPALIVE,
+    ChatRequest,
+    OpenAIChatStream,
+    OpenAICompletionStream,
+    RequestError,
+    chat_completion_body,
+    completion_body,
+    error_body,
+    model_object,
+    models_list,
+    parse_chat_request,
+    parse_completion_request,
+)
+from auxot_common.queue import RelayPublisher, StreamQueue
+from auxot_common.settings import ConfigError, EnvReader, load_environment
+
+VERSION = "0.1.0"
+DEFAULT_MODEL = "Qwen3-Coder-30B-A3B"
+log = logging.getLogger("auxot.router")
+
+
+# === Configuration ================================================================================
+
+
+@dataclass(slots=True)
+class RouterConfig:
+    """Everything the router reads from the environment (and ``.env``); see the README table."""
+
+    api_key_hashes: list[NamedHash]
+    admin_key_hashes: list[NamedHash]
+    model: str = DEFAULT_MODEL
+    quantization: str = ""
+    ctx_size: int = 131072
+    max_parallel: int = 2
+    host: str = "0.0.0.0"
+    port: int = 8080
+    log_level: str = "info"
+    job_timeout: float = 300.0
+    heartbeat_interval: float = 10.0
+    dead_worker_timeout: float = 45.0
+    auth_cache_ttl: float = 300.0
+    redis_url: str = ""
+    redis_prefix: str = "auxot:"
+    registry_file: str = ""
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_ws_message_bytes: int = 64 * 1024 * 1024
+    max_queue: int = 1000
+    max_attempts: int = 3
+    sse_keepalive: float = 10.0
+    shutdown_grace: float = 30.0
+    hello_timeout: float = 5.0
+    sweep_interval: float = 15.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> RouterConfig:
+        read = EnvReader(env)
+        api, admin = read.raw("AUXOT_API_KEY_HASH"), read.raw("AUXOT_ADMIN_KEY_HASH")
+        if api is None or admin is None:
+            raise ConfigError(
+                "no keys configured: run `python auxot_router.py setup --write-env` (writes .env) or "
+                "`python auxot_router.py setup` and export the AUXOT_API_KEY_HASH and AUXOT_ADMIN_KEY_HASH it prints"
+            )
+        try:
+            api_hashes, admin_hashes = parse_hashes(api), parse_hashes(admin)
+        except ValueError as exc:
+            raise ConfigError(f"AUXOT_API_KEY_HASH/AUXOT_ADMIN_KEY_HASH: {exc}") from None
+        heartbeat = read.duration("AUXOT_HEARTBEAT_INTERVAL", 10.0, minimum=0.05)
+        return cls(
+            api_key_hashes=api_hashes,
+            admin_key_hashes=admin_hashes,
+            model=read.str("AUXOT_MODEL", DEFAULT_MODEL),
+            quantization=read.str("AUXOT_QUANTIZATION", ""),
+            ctx_size=read.int("AUXOT_CTX_SIZE", 131072, minimum=256),
+            max_parallel=read.int("AUXOT_MAX_PARALLEL", 2, minimum=1, maximum=512),
+            host=read.str("AUXOT_HOST", "0.0.0.0"),
+            port=read.int("AUXOT_PORT", 8080, minimum=0, maximum=65535),
+            log_level=read.choice("AUXOT_LOG_LEVEL", "info", ("debug", "info", "warn", "warning", "error")),
+            job_timeout=read.duration("AUXOT_JOB_TIMEOUT", 300.0, minimum=1.0),
+            heartbeat_interval=heartbeat,
+            dead_worker_timeout=read.duration("AUXOT_DEAD_WORKER_TIMEOUT", max(45.0, 3 * heartbeat), minimum=0.1),
+            auth_cache_ttl=read.duration("AUXOT_AUTH_CACHE_TTL", 300.0),
+            redis_url=read.str("AUXOT_REDIS_URL", ""),
+            redis_prefix=read.str("AUXOT_REDIS_PREFIX", "auxot:"),
+            registry_file=read.str("AUXOT_REGISTRY_FILE", ""),
+            max_body_bytes=read.int("AUXOT_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024),
+            max_queue=read.int("AUXOT_MAX_QUEUE", 1000, minimum=1),
+            max_attempts=read.int("AUXOT_MAX_ATTEMPTS", 3, minimum=1, maximum=10),
+            sse_keepalive=read.duration("AUXOT_SSE_KEEPALIVE", 10.0, minimum=0.05),
+            shutdown_grace=read.duration("AUXOT_SHUTDOWN_GRACE", 30.0),
+            hello_timeout=read.duration("AUXOT_HELLO_TIMEOUT", 5.0, minimum=0.1),
+            sweep_interval=read.duration("AUXOT_SWEEP_INTERVAL", 15.0, minimum=0.05),
+        )
+
+    def policy(self) -> proto.Policy:
+        return proto.Policy(
+            model_name=self.model,
+            quantization=self.quantization,
+            context_size=self.ctx_size,
+            max_parallelism=self.max_parallel,
+        )
+
+
+# === Worker pool ==================================================================================
+
+
+@dataclass(slots=True)
+class RunningJob:
+    entry_id: str
+    job: proto.Job
+
+
+@dataclass(slots=True, eq=False)
+class WorkerConnection:
+    """One connected worker: its socket, what it serves, and the jobs it runs now."""
+
+    worker_id: str
+    ws: web.WebSocketResponse
+    capabilities: proto.Capabilities
+    slots: int
+    running: dict[str, RunningJob] = field(default_factory=dict)
+    connected_at: float = field(default_factory=time.time)
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.running)
+
+    async def send(self, message: proto.Message) -> None:
+        await self.ws.send_str(proto.encode(message).decode())
+
+    def info(self, instance_id: str) -> dict[str, Any]:
+        caps = self.capabilities
+        return {
+            "id": self.worker_id,
+            "instance": instance_id,
+            "model": caps.model,
+            "backend": caps.backend,
+            "ctx_size": caps.ctx_size,
+            "total_slots": self.slots,
+            "free_slots": max(self.free, 0),
+            "active_jobs": len(self.running),
+            "gpus": caps.gpus,
+            "connected_at": int(self.connected_at),
+        }
+
+
+class WorkerPool:
+    """The workers connected to this instance; wakes the dispatcher when capacity appears."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, WorkerConnection] = {}
+        self.capacity_changed = asyncio.Event()
+
+    def add(self, worker: WorkerConnection) -> None:
+        self.workers[worker.worker_id] = worker
+        self.capacity_changed.set()
+
+    def remove(self, worker: WorkerConnection) -> None:
+        self.workers.pop(worker.worker_id, None)
+
+    def total_free(self) -> int:
+        return sum(max(w.free, 0) for w in self.workers.values())
+
+    def least_busy(self) -> WorkerConnection | None:
+        best = max(self.workers.values(), key=lambda w: (w.free, -len(w.running)), default=None)
+        return best if best is not None and best.free > 0 else None
+
+    def find_job(self, job_id: str) -> tuple[WorkerConnection, RunningJob] | None:
+        for worker in self.workers.values():
+            running = worker.running.get(job_id)
+            if running is not None:
+                return worker, running
+        return None
+
+
+# === Job tracking (the side holding the caller's request) =========================================
+
+
+class EventChannel:
+    """Unbounded single-consumer channel; the consumer takes everything that arrived at once."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[proto.Message] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: proto.Message) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self, timeout: float) -> list[proto.Message]:
+        if not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except TimeoutError:
+                return []
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
+
+
+class QueueFullError(Exception):
+    """More jobs are waiting than ``AUXOT_MAX_QUEUE`` allows."""
+
+
+@dataclass(slots=True, eq=False)
+class JobHandle:
+    job: proto.Job
+    arrived: float
+    deadline: float
+    events: EventChannel = field(default_factory=EventChannel)
+    content_sent: bool = False
+    dispatched_to: tuple[str, str] | None = None  # (instance id, worker id)
+    finished: bool = False
+
+
+class JobTracker:
+    """Submits jobs and turns what happens to them into a stream of protocol messages.
+
+    The stream always ends with exactly one :class:`~auxot_common.protocol.Complete` or
+    :class:`~auxot_common.protocol.Error`: a job whose worker disappears is re-queued if its
+    caller has seen no content yet (up to ``max_attempts``), and otherwise fails explicitly, so
+    text is never duplicated; a job past its deadline fails with a timeout error.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self.handles: dict[str, JobHandle] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def submit(self, job: proto.Job) -> JobHandle:
+        router = self._router
+        if await router.queue.depth() >= router.config.max_queue:
+            raise QueueFullError
+        now = time.time()
+        job.reply_to = router.instance_id
+        job.deadline = now + router.config.job_timeout
+        handle = JobHandle(job=job, arrived=now, deadline=job.deadline)
+        self.handles[job.job_id] = handle
+        try:
+            await router.queue.enqueue(job, proto.encode(job))
+        except BaseException:
+            self.handles.pop(job.job_id, None)
+            raise
+        return handle
+
+    def deliver(self, message: proto.Message) -> bool:
+        """Hand a job event to its waiting request; False if nobody waits for it any more."""
+        handle = self.handles.get(getattr(message, "job_id", ""))
+        if handle is None:
+            return False
+        handle.events.put(message)
+        return True
+
+    async def events(self, handle: JobHandle, keepalive: float) -> AsyncIterator[list[proto.Message]]:
+        """Batches of events for the caller; an empty batch means "nothing for a while"."""
+        while not handle.finished:
+            wait = min(keepalive, handle.deadline - time.time())
+            if wait <= 0:
+                yield [self._fail(handle, f"the job timed out after {self._router.config.job_timeout:g}s", 504)]
+                return
+            batch = await handle.events.take(wait)
+            out: list[proto.Message] = []
+            for message in batch:
+                if isinstance(message, proto.Dispatched):
+                    handle.dispatched_to = (message.instance_id, message.worker_id)
+                elif isinstance(message, proto.WorkerLost):
+                    failure = await self._worker_lost(handle, message)
+                    if failure is not None:
+                        out.append(failure)
+                        break
+                else:
+                    out.append(message)
+                    if isinstance(message, proto.Complete | proto.Error):
+                        self._finish(handle)
+                        break
+            if out or not batch:  # a batch of only internal events is not a keep-alive tick
+                yield out
+
+    async def _worker_lost(self, handle: JobHandle, lost: proto.WorkerLost) -> proto.Error | None:
+        job = handle.job
+        if handle.content_sent or job.attempt >= self._router.config.max_attempts:
+            reason = "after part of the answer was sent" if handle.content_sent else f"{job.attempt} times"
+            return self._fail(handle, f"the worker serving this request went away ({lost.reason}) {reason}", 502)
+        job.attempt += 1
+        handle.dispatched_to = None
+        log.warning("re-queueing job after worker loss", extra={"job_id": job.job_id, "attempt": job.attempt})
+        try:
+            await self._router.queue.enqueue(job, proto.encode(job))
+        except RedisError:
+            return self._fail(handle, "the job could not be re-queued: the queue is unavailable", 503)
+        return None
+
+    def _fail(self, handle: JobHandle, message: str, status: int) -> proto.Error:
+        self.abandon(handle)
+        return proto.Error(job_id=handle.job.job_id, error=message, status=status)
+
+    def _finish(self, handle: JobHandle) -> None:
+        handle.finished = True
+        self.handles.pop(handle.job.job_id, None)
+
+    def abandon(self, handle: JobHandle) -> None:
+        """The caller no longer waits (gone, timed out): stop the job wherever it is."""
+        if handle.finished:
+            return
+        self._finish(handle)
+        self.spawn(self._router.cancel_job(handle.job.job_id, handle.dispatched_to))
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+# === The router: dispatch and message routing =====================================================
+
+
+class Router:
+    """State of one router instance, shared by handlers and background tasks."""
+
+    def __init__(self, config: RouterConfig, redis: Redis, *, server_blocking: bool) -> None:
+        self.config = config
+        self.instance_id = secrets.token_hex(8)
+        self.redis = redis
+        self.queue = StreamQueue(
+            redis, instance_id=self.instance_id, prefix=config.redis_prefix, server_blocking=server_blocking
+        )
+        self.relay = RelayPublisher(self.queue)
+        self.pool = WorkerPool()
+        self.tracker = JobTracker(self)
+        self.api_keys = KeyVerifier(config.api_key_hashes, cache_ttl=config.auth_cache_ttl)
+        self.admin_keys = KeyVerifier(config.admin_key_hashes, cache_ttl=config.auth_cache_ttl)
+        self.auth_failures = FailureLimiter()
+        self.policy = config.policy()
+        self.backlog: deque[tuple[str, proto.Job]] = deque()
+        self.draining = False
+        self.started = int(time.time())
+
+    # --- dispatch -------------------------------------------------------------------------------
+
+    async def dispatch_forever(self) -> None:
+        """Read as many jobs as local workers have free slots and hand each to the least busy."""
+        while True:
+            free = self.pool.total_free()
+            if self.draining or free <= 0:
+                self.pool.capacity_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.pool.capacity_changed.wait(), 1.0)
+                continue
+            if self.backlog:
+                await self._dispatch_backlog()
+                continue
+            try:
+                entries = await self.queue.read_jobs(free, timeout=1.0)
+            except RedisError as exc:
+                log.error("reading jobs failed", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+                continue
+            await self._accept(entries)
+
+    async def _accept(self, entries: list[tuple[str, proto.Job | None]]) -> None:
+        drop: list[str] = []
+        jobs: list[tuple[str, proto.Job]] = []
+        for entry_id, job in entries:
+            if job is None:
+                log.error("dropping an unreadable job entry", extra={"entry_id": entry_id})
+                drop.append(entry_id)
+            else:
+                jobs.append((entry_id, job))
+        remote = [job.job_id for _, job in jobs if job.reply_to != self.instance_id]
+        cancelled = await self.queue.cancelled(remote) if remote else set()
+        now = time.time()
+        for entry_id, job in jobs:
+            gone = job.job_id in cancelled or (job.reply_to == self.instance_id and job.job_id not in self.tracker.handles)
+            if gone or (job.deadline and job.deadline < now):
+                drop.append(entry_id)
+            else:
+                self.backlog.append((entry_id, job))
+        if drop:
+            await self.queue.ack(drop)
+        await self._dispatch_backlog()
+
+    async def _dispatch_backlog(self) -> None:
+        while self.backlog:
+            worker = self.pool.least_busy()
+            if worker is None:
+                return
+            entry_id, job = self.backlog.popleft()
+            worker.running[job.job_id] = RunningJob(entry_id, job)
+            try:
+                await worker.send(job)
+            except (ConnectionError, RuntimeError):
+                worker.running.pop(job.job_id, None)
+                self.backlog.appendleft((entry_id, job))
+                continue
+            log.debug("job dispatched", extra={"job_id": job.job_id, "worker_id": worker.worker_id})
+            self.route(job.reply_to, proto.Dispatched(job.job_id, worker.worker_id, self.instance_id))
+
+    # --- routing job events to their owner ------------------------------------------------------
+
+    def route(self, owner: str, message: proto.Message, raw: bytes | None = None) -> bool:
+        """Deliver a job event to the instance holding the caller. False if it is local and gone."""
+        if owner == self.instance_id:
+            return self.tracker.deliver(message)
+        self.relay.send(owner, raw if raw is not None else proto.encode(message))
+        return True
+
+    async def on_worker_message(self, worker: WorkerConnection, raw: bytes, message: proto.Message) -> None:
+        if isinstance(message, proto.Token | proto.ToolCallDelta | proto.PromptProgress):
+            running = worker.running.get(message.job_id)
+            if running is not None and not self.route(running.job.reply_to, message, raw):
+                await self._stop_on_worker(worker, message.job_id)  # its caller left meanwhile
+        elif isinstance(message, proto.Complete | proto.Error) and message.job_id:
+            running = worker.running.pop(message.job_id, None)
+            if running is not None:
+                self.pool.capacity_changed.set()
+                self.route(running.job.reply_to, message, raw)
+                await self.queue.ack([running.entry_id])
+        elif isinstance(message, proto.Heartbeat):
+            await self.queue.beat_worker(worker.worker_id, worker.info(self.instance_id), self.config.dead_worker_timeout)
+            await worker.send(proto.HeartbeatAck())
+        elif isinstance(message, proto.Config):
+            worker.capabilities = message.capabilities
+            if message.capabilities.draining:
+                worker.slots = 0
+            elif message.capabilities.total_slots > 0:
+                worker.slots = message.capabilities.total_slots
+                self.pool.capacity_changed.set()
+            await worker.send(proto.ConfigAck(success=True))
+        elif isinstance(message, proto.Error):
+            log.warning("worker reported an error", extra={"worker_id": worker.worker_id, "error": message.error})
+        else:
+            log.warning("unexpected message from worker", extra={"worker_id": worker.worker_id, "type": message.type})
+
+    async def _stop_on_worker(self, worker: WorkerConnection, job_id: str) -> None:
+        running = worker.running.pop(job_id, None)
+        if running is None:
+            return
+        self.pool.capacity_changed.set()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await worker.send(proto.Cancel(job_id))
+        await self.queue.ack([running.entry_id])
+
+    async def worker_gone(self, worker: WorkerConnection, reason: str) -> None:
+        """A worker's socket closed: its running jobs go back to their owners to retry or fail."""
+        self.pool.remove(worker)
+        lost = list(worker.running.values())
+        worker.running.clear()
+        with contextlib.suppress(RedisError):
+            await self.queue.drop_worker(worker.worker_id)
+            await self.queue.ack([r.entry_id for r in lost])
+        for running in lost:
+            self.route(running.job.reply_to, proto.WorkerLost(running.job.job_id, reason))
+        if lost:
+            log.warning("worker disconnected with running jobs", extra={"worker_id": worker.worker_id, "jobs": len(lost)})
+
+    async def cancel_job(self, job_id: str, dispatched_to: tuple[str, str] | None) -> None:
+        """Stop a job whose caller left: skip it at dispatch, or tell its worker to abort."""
+        try:
+            found = self.pool.find_job(job_id)
+            if found is not None:
+                await self._stop_on_worker(found[0], job_id)
+            elif dispatched_to is not None and dispatched_to[0] != self.instance_id:
+                self.relay.send(dispatched_to[0], proto.encode(proto.Cancel(job_id)))
+            else:
+                await self.queue.mark_cancelled(job_id)
+        except RedisError as exc:
+            log.warning("could not record a cancellation", extra={"job_id": job_id, "error": str(exc)})
+
+    async def on_relayed(self, raw: bytes) -> None:
+        """A message another instance relayed to this one."""
+        try:
+            message = proto.decode(raw)
+        except proto.ProtocolError:
+            log.error("unreadable relay message")
+            return
+        if isinstance(message, proto.Cancel):
+            found = self.pool.find_job(message.job_id)
+            if found is not None:
+                await self._stop_on_worker(found[0], message.job_id)
+        elif not self.tracker.deliver(message) and isinstance(message, proto.Dispatched):
+            self.relay.send(message.instance_id, proto.encode(proto.Cancel(message.job_id)))
+
+    # --- health ---------------------------------------------------------------------------------
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        local = [w.info(self.instance_id) for w in self.pool.workers.values()]
+        body: dict[str, Any] = {"status": "ok", "version": VERSION, "instance": self.instance_id, "model": self.config.model}
+        status = 200
+        try:
+            depth = await self.queue.depth()
+            cluster = await self.queue.cluster_workers()
+        except RedisError:
+            depth, cluster, status = -1, [], 503
+            body["status"] = "degraded"
+            body["redis"] = "unreachable"
+        workers = local + [w for w in cluster if w.get("instance") != self.instance_id]
+        total = sum(int(w.get("total_slots", 0)) for w in workers)
+        active = sum(int(w.get("active_jobs", 0)) for w in workers)
+        body.update(
+            workers=len(workers),
+            total_slots=total,
+            active_jobs=active,
+            available=max(total - active, 0),
+            queue_depth=depth,
+            worker_list=workers,
+        )
+        if self.draining:
+            body["status"] = "draining"
+        return status, body
+
+
+ROUTER = web.AppKey("router", Router)
+
+
+# === HTTP plumbing: error shapes, JSON bodies, auth ===============================================
+
+
+def is_anthropic(request: web.Request) -> bool:
+    path = request.path
+    if path.startswith("/api/anthropic"):
+        return True
+    if path.startswith("/v1/messages"):
+        return True
+    return path.startswith("/v1/models") and (
+        "anthropic-version" in request.headers or "x-api-key" in request.headers
+    )
+
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    501: "not_implemented_error",
+    503: "overloaded_error",
+    504: "api_error",
+    529: "overloaded_error",
+}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    501: "not_implemented",
+}
+
+
+def error_response(request: web.Request, status: int, message: str, *, retry_after: int | None = None) -> web.Response:
+    """An error in the shape of the API the request was for."""
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    if is_anthropic(request):
+        kind = _ANTHROPIC_TYPES.get(status, "api_error")
+        body = {"type": "error", "error": {"type": kind, "message": message}, "request_id": f"req_{secrets.token_hex(12)}"}
+    else:
+        body = error_body(message, _OPENAI_TYPES.get(status, "server_error"))
+    return web.json_response(body, status=status, headers=headers, dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON; raises RequestError (400, 413) in the API's terms."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[ROUTER].config.max_body_bytes
+        raise RequestError(413, f"request body too large: the limit is {limit} bytes (AUXOT_MAX_BODY_BYTES)") from None
+    if not raw:
+        raise RequestError(400, "the request body is empty; expected a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(400, f"invalid JSON: {exc}") from None
+
+
+def presented_key(request: web.Request) -> str:
+    """The API key: ``Authorization: Bearer`` (both APIs) or ``x-api-key`` (Anthropic)."""
+    if is_anthropic(request):
+        key = request.headers.get("x-api-key", "").strip()
+        if key:
+            return key
+    header = request.headers.get("Authorization", "")
+    return header[len("Bearer ") :].strip() if header.startswith("Bearer ") else ""
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every failure becomes a JSON error in the API's own shape; the server keeps serving."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return error_response(request, exc.status, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            return error_response(request, 404, f"endpoint not found: {request.method} {request.path}")
+        if exc.status == 405:
+            return error_response(request, 405, f"method {request.method} is not allowed on {request.path}")
+        if exc.status == 413:
+            return error_response(request, 413, "request body too large")
+        return error_response(request, exc.status, exc.reason)
+    except RedisError as exc:
+        log.error("queue unavailable", extra={"error": str(exc), "path": request.path})
+        return error_response(request, 503, "the job queue is unavailable; try again shortly", retry_after=2)
+    except QueueFullError:
+        status = 529 if is_anthropic(request) else 429
+        return error_response(request, status, "too many requests are waiting for a GPU; try again shortly", retry_after=5)
+
+
+OPEN_PATHS = frozenset({"/health", "/ws"})
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """API routes need a valid ``rtr_`` key. Failures are rate-limited per client address."""
+    if request.path in OPEN_PATHS:
+        return await handler(request)
+    router = request.app[ROUTER]
+    client = request.remote or "unknown"
+    if not router.auth_failures.allowed(client):
+        return error_response(request, 429, "too many failed authentication attempts; slow down", retry_after=60)
+    key = presented_key(request)
+    if not key:
+        missing = "missing API key: set the x-api-key header or use Bearer" if is_anthropic(request) else "missing Bearer token"
+        return error_response(request, 401, missing)
+    if await router.api_keys.verify(key) is None:
+        router.auth_failures.record_failure(client)
+        return error_response(request, 401, "invalid API key")
+    return await handler(request)
+
+
+@web.middleware
+async def drain_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.app[ROUTER].draining and request.path not in OPEN_PATHS:
+        return error_response(request, 503, "the router is shutting down; retry on another instance", retry_after=1)
+    return await handler(request)
+
+
+# === Handlers: OpenAI =============================================================================
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def job_from(request_: ChatRequest, kind: str, job_id: str) -> proto.Job:
+    return proto.Job(
+        job_id=job_id,
+        messages=request_.messages,
+        tools=request_.tools,
+        temperature=request_.temperature,
+        max_tokens=request_.max_tokens,
+        reasoning_effort=request_.reasoning_effort,
+        stream=request_.stream,
+        kind=kind,
+        params=request_.params,
+    )
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    chat = parse_chat_request(await read_json(request))
+    return await run_openai_job(request, chat, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    chat = parse_completion_request(await read_json(request))
+    return await run_openai_job(request, chat, "completion")
+
+
+async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> web.StreamResponse:
+    router = request.app[ROUTER]
+    completion_id = new_id("chatcmpl-" if kind == "chat" else "cmpl-")
+    model = chat.model or router.config.model
+    created = int(time.time())
+    handle = await router.tracker.submit(job_from(chat, kind, completion_id))
+    log.info("job accepted", extra={"job_id": completion_id, "kind": kind, "stream": chat.stream})
+    try:
+        if not chat.stream:
+            final = await wait_final(router, handle)
+            if isinstance(final, proto.Error):
+                return job_error_response(request, final)
+            build = chat_completion_body if kind == "chat" else completion_body
+            return json_response(build(final, completion_id=completion_id, model=model, created=created))
+        encoder_cls = OpenAIChatStream if kind == "chat" else OpenAICompletionStream
+        encoder = encoder_cls(completion_id, model, created, chat.include_usage)
+        return await stream_job(request, router, handle, encoder)
+    finally:
+        router.tracker.abandon(handle)
+
+
+async def wait_final(router: Router, handle: JobHandle) -> proto.Complete | proto.Error:
+    async for batch in router.tracker.events(handle, router.config.sse_keepalive):
+        for message in batch:
+            if isinstance(message, proto.Complete | proto.Error):
+                return message
+    return proto.Error(job_id=handle.job.job_id, error="the job ended without a result", status=502)
+
+
+def job_error_response(request: web.Request, error: proto.Error) -> web.Response:
+    """A job failure as an HTTP error: llama-server's 4xx (prompt too long) stay 400s."""
+    status = error.status if error.status in (502, 503, 504) else 400 if 400 <= error.status < 500 else 500
+    message = error.error + (f": {error.details}" if error.details else "")
+    return error_response(request, status, message)
+
+
+class StreamEncoder(Protocol):
+    """What :func:`stream_job` needs from an API's SSE encoder."""
+
+    def start(self) -> bytes: ...
+    def on_token(self, msg: proto.Token) -> bytes: ...
+    def on_tool_call_delta(self, msg: proto.ToolCallDelta) -> bytes: ...
+    def on_complete(self, msg: proto.Complete) -> bytes: ...
+    def on_error(self, message: str) -> bytes: ...
+
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def stream_job(
+    request: web.Request, router: Router, handle: JobHandle, encoder: StreamEncoder, keepalive: bytes = KEEPALIVE
+) -> web.StreamResponse:
+    """Relay a job as SSE.
+
+    Headers go out with the first event, or after one keep-alive interval with nothing to say:
+    an error that comes quickly (a prompt longer than the context) is still a proper HTTP 400,
+    and a long wait in the queue still keeps proxies from cutting the connection.
+    """
+    response: web.StreamResponse | None = None
+    async for batch in router.tracker.events(handle, router.config.sse_keepalive):
+        if response is None:
+            first = batch[0] if batch else None
+            if isinstance(first, proto.Error):
+                return job_error_response(request, first)
+            response = web.StreamResponse(headers=SSE_HEADERS)
+            await response.prepare(request)
+            await response.write(encoder.start())
+        if not batch:
+            await response.write(keepalive)
+            continue
+        await response.write(encode_batch(handle, encoder, batch))
+    if response is None:  # pragma: no cover - events() always yields a final message
+        raise web.HTTPInternalServerError()
+    return response
+
+
+def encode_batch(handle: JobHandle, encoder: StreamEncoder, batch: list[proto.Message]) -> bytes:
+    out = bytearray()
+    for message in batch:
+        if isinstance(message, proto.Token):
+            out += encoder.on_token(message)
+            handle.content_sent = True
+        elif isinstance(message, proto.ToolCallDelta):
+            out += encoder.on_tool_call_delta(message)
+            handle.content_sent = True
+        elif isinstance(message, proto.Complete):
+            out += encoder.on_complete(message)
+        elif isinstance(message, proto.Error):
+            out += encoder.on_error(message.error + (f": {message.details}" if message.details else ""))
+    return bytes(out)
+
+
+async def openai_models(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    return json_response(models_list(router.config.model, router.started))
+
+
+async def openai_model(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    model_id = request.match_info.get("model_id", "")
+    if model_id != router.config.model:
+        return error_response(request, 404, f'The model "{model_id}" does not exist')
+    return json_response(model_object(router.config.model, router.started))
+
+
+async def list_stored_completions(request: web.Request) -> web.Response:
+    return json_response({"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None})
+
+
+async def stored_completion(request: web.Request) -> web.Response:
+    if request.method == "DELETE":
+        return error_response(request, 400, "Deleting completions is not supported. Auxot does not store completions.")
+    return error_response(request, 404, "No chat completion found. Auxot does not store completions.")
+
+
+async def not_implemented(request: web.Request) -> web.Response:
+    return error_response(request, 501, f"endpoint not implemented: {request.method} {request.path}")
+
+
+# === Handlers: health and the worker hub ==========================================================
+
+
+async def health(request: web.Request) -> web.Response:
+    status, body = await request.app[ROUTER].health()
+    return json_response(body, status=status)
+
+
+async def worker_socket(request: web.Request) -> web.WebSocketResponse:
+    """The worker hub: hello within a few seconds, key check, policy, then jobs and events."""
+    router = request.app[ROUTER]
+    config = router.config
+    ws = web.WebSocketResponse(
+        heartbeat=config.heartbeat_interval,
+        receive_timeout=3 * config.heartbeat_interval + config.hello_timeout,
+        max_msg_size=config.max_ws_message_bytes,
+        compress=False,
+    )
+    await ws.prepare(request)
+    hello = await receive_hello(ws, config.hello_timeout)
+    if hello is None:
+        await ws.close()
+        return ws
+    client = request.remote or "unknown"
+    if not router.auth_failures.allowed(client) or await router.admin_keys.verify(hello.gpu_key) is None:
+        router.auth_failures.record_failure(client)
+        log.warning("worker rejected: invalid GPU key", extra={"remote": client})
+        await ws.send_str(proto.encode(proto.HelloAck(success=False, error="invalid GPU key: authentication failed")).decode())
+        await ws.close()
+        return ws
+    worker_id = secrets.token_hex(16)
+    ack = proto.HelloAck(success=True, gpu_id=worker_id, policy=router.policy)
+    await ws.send_str(proto.encode(ack).decode())
+    if hello.policy_only:
+        with contextlib.suppress(TimeoutError):
+            await ws.receive(timeout=config.hello_timeout)
+        await ws.close()
+        return ws
+    slots = hello.capabilities.total_slots or router.policy.max_parallelism
+    worker = WorkerConnection(worker_id=worker_id, ws=ws, capabilities=hello.capabilities, slots=slots)
+    await serve_worker(router, worker)
+    return ws
+
+
+async def receive_hello(ws: web.WebSocketResponse, timeout: float) -> proto.Hello | None:
+    try:
+        msg = await ws.receive(timeout=timeout)
+    except TimeoutError:
+        return None
+    if msg.type != WSMsgType.TEXT:
+        return None
+    try:
+        hello = proto.decode(msg.data)
+    except proto.ProtocolError:
+        return None
+    return hello if isinstance(hello, proto.Hello) else None
+
+
+async def serve_worker(router: Router, worker: WorkerConnection) -> None:
+    router.pool.add(worker)
+    log.info(
+        "worker connected",
+        extra={"worker_id": worker.worker_id, "model": worker.capabilities.model, "slots": worker.slots},
+    )
+    reason = "connection closed"
+    try:
+        with contextlib.suppress(RedisError):
+            await router.queue.beat_worker(worker.worker_id, worker.info(router.instance_id), router.config.dead_worker_timeout)
+        async for msg in worker.ws:
+            if msg.type != WSMsgType.TEXT:
+                reason = "protocol error: binary frame"
+                break
+            try:
+                message = proto.decode(msg.data)
+            except proto.ProtocolError as exc:
+                log.warning("bad message from worker", extra={"worker_id": worker.worker_id, "error": str(exc)})
+                continue
+            await router.on_worker_message(worker, msg.data.encode(), message)
+        if worker.ws.close_code not in (None, 1000, 1001):
+            reason = f"closed with code {worker.ws.close_code}"
+    except TimeoutError:
+        reason = "no heartbeat"
+    except (ConnectionError, RedisError) as exc:
+        reason = str(exc) or type(exc).__name__
+    finally:
+        await router.worker_gone(worker, reason)
+        log.info("worker disconnected", extra={"worker_id": worker.worker_id, "reason": reason})
+        if not worker.ws.closed:
+            await worker.ws.close()
+
+
+# === Background tasks =============================================================================
+
+
+async def relay_reader(router: Router) -> None:
+    while True:
+        try:
+            for raw in await router.queue.read_inbox(timeout=1.0):
+                await router.on_relayed(raw)
+        except RedisError as exc:
+            log.error("reading the relay inbox failed", extra={"error": str(exc)})
+            await asyncio.sleep(1.0)
+
+
+async def liveness(router: Router) -> None:
+    """Keep this instance's key alive and reclaim the jobs of instances that died."""
+    config = router.config
+    last_sweep = 0.0
+    while True:
+        try:
+            await router.queue.beat_instance(config.dead_worker_timeout)
+            if time.monotonic() - last_sweep >= config.sweep_interval:
+                last_sweep = time.monotonic()
+                await reclaim(router)
+        except RedisError as exc:
+            log.error("liveness update failed", extra={"error": str(exc)})
+        await asyncio.sleep(min(config.dead_worker_timeout / 3, config.sweep_interval))
+
+
+async def reclaim(router: Router) -> None:
+    claimed = await router.queue.reclaim_from_dead_instances(router.config.dead_worker_timeout)
+    if not claimed:
+        return
+    await router.queue.ack([entry_id for entry_id, _ in claimed])
+    for _, job in claimed:
+        if job is not None:
+            router.route(job.reply_to, proto.WorkerLost(job.job_id, "its router instance died"))
+
+
+async def background_tasks(app: web.Application) -> AsyncIterator[None]:
+    router = app[ROUTER]
+    await router.queue.ensure_group()
+    await router.queue.beat_instance(router.config.dead_worker_timeout)
+    tasks = [
+        asyncio.create_task(router.dispatch_forever(), name="dispatcher"),
+        asyncio.create_task(relay_reader(router), name="relay-reader"),
+        asyncio.create_task(liveness(router), name="liveness"),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await router.relay.close()
+    with contextlib.suppress(RedisError):
+        await router.queue.drop_instance()
+    router.api_keys.close()
+    router.admin_keys.close()
+
+
+async def drain(app: web.Application) -> None:
+    """On shutdown: take no new work, let running streams finish, then close worker sockets."""
+    router = app[ROUTER]
+    router.draining = True
+    deadline = time.monotonic() + router.config.shutdown_grace
+    while router.tracker.handles and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for worker in list(router.pool.workers.values()):
+        await worker.ws.close(code=1001, message=b"router shutting down")
+
+
+# === Application wiring ===========================================================================
+
+
+def api_paths(api: str, rest: str) -> list[str]:
+    """Zero, one or two ``/v1`` segments under ``/api/{api}``, plus the plain ``/v1`` alias."""
+    return [f"/api/{api}{v}{rest}" for v in ("", "/v1", "/v1/v1")] + [f"/v1{rest}"]
+
+
+def add_routes(app: web.Application) -> None:
+    routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+        ("GET", "/health", health),
+        ("GET", "/ws", worker_socket),
+    ]
+    openai = [
+        ("POST", "/chat/completions", chat_completions),
+        ("GET", "/chat/completions", list_stored_completions),
+        ("GET", "/chat/completions/{completion_id}", stored_completion),
+        ("DELETE", "/chat/completions/{completion_id}", stored_completion),
+        ("GET", "/chat/completions/{completion_id}/messages", stored_completion),
+        ("POST", "/completions", completions),
+        ("POST", "/embeddings", not_implemented),
+        ("GET", "/models", openai_models),
+        ("GET", "/models/{model_id}", openai_model),
+    ]
+    for method, rest, handler in openai:
+        for path in api_paths("openai", rest):
+            routes.append((method, path, handler))
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    app.router.add_route("*", "/api/openai/{tail:.*}", not_implemented)
+
+
+def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Application:
+    """Build the application. ``redis`` overrides the store (tests); by default the embedded one
+    or ``AUXOT_REDIS_URL``."""
+    if redis is None:
+        redis, server_blocking = connect_redis(config.redis_url)
+    else:
+        server_blocking = not type(redis).__module__.startswith("fakeredis")
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[errors_middleware, drain_middleware, auth_middleware],
+        handler_args={"max_field_size": 65536},
+    )
+    app[ROUTER] = Router(config, redis, server_blocking=server_blocking)
+    add_routes(app)
+    app.cleanup_ctx.append(background_tasks)
+    app.on_shutdown.append(drain)
+    return app
+
+
+def connect_redis(url: str) -> tuple[Redis, bool]:
+    """The external Redis at ``url``, or the embedded in-process store when ``url`` is empty."""
+    if not url:
+        import fakeredis
+
+        return fakeredis.FakeAsyncRedis(), False
+    client: Redis = Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10, health_check_interval=15)
+    return client, True
+
+
+# === Command line =================================================================================
+
+
+USAGE = """usage: python auxot_router.py [command]
+
+commands:
+  (none)              start the router
+  setup [--write-env] [--fly] [--model NAME]
+                      generate an API key (rtr_) and a GPU key (adm_) with their Argon2id hashes
+  models [--json] [--family F] [--max-vram GB] [--capability C] [--search TEXT]
+                      list the models of the registry
+  version             print the version
+"""
+
+
+def setup_command(args: list[str]) -> int:
+    model = DEFAULT_MODEL
+    if "--model" in args:
+        index = args.index("--model")
+        if index + 1 >= len(args):
+            print("setup: --model needs a name", file=sys.stderr)
+            return 2
+        model = args[index + 1]
+    gpu_key, api_key = generate_key(GPU_KEY_PREFIX), generate_key(API_KEY_PREFIX)
+    admin_hash, api_hash = hash_key(gpu_key), hash_key(api_key)
+    if "--fly" in args:
+        print(fly_setup_text(gpu_key, api_key, admin_hash, api_hash, model))
+        return 0
+    env_lines = f"AUXOT_ADMIN_KEY_HASH='{admin_hash}'\nAUXOT_API_KEY_HASH='{api_hash}'\nAUXOT_MODEL={model}\n"
+    print("auxot-router setup\n==================\n")
+    print(f"GPU key (for workers):   {gpu_key}")
+    print(f"  run a worker with:     python auxot_worker.py --gpu-key {gpu_key} --router-url ws://HOST:8080/ws\n")
+    print(f"API key (for callers):   {api_key}")
+    print("  use it as the OpenAI/Anthropic API key (Authorization: Bearer or x-api-key)\n")
+    print("SAVE THESE KEYS NOW: they are not stored anywhere and will not be shown again.\n")
+    if "--write-env" in args:
+        env_path = Path(".env")
+        if env_path.exists():
+            print("Error: .env already exists. Remove it first or run setup without --write-env.", file=sys.stderr)
+            return 1
+        fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(env_lines)
+        print("Wrote .env (mode 0600) with the hashes; the router reads it at startup.")
+        return 0
+    print("Configure the router with these lines (the hashes are safe to store):\n")
+    for line in env_lines.splitlines():
+        print(f"export {line}")
+    return 0
+
+
+def fly_setup_text(gpu_key: str, api_key: str, admin_hash: str, api_hash: str, model: str) -> str:
+    return (
+        "# auxot-router keys. SAVE THESE KEYS NOW: they will not be shown again.\n"
+        f"# GPU key (workers):  {gpu_key}\n"
+        f"# API key (callers):  {api_key}\n"
+        "fly secrets set \\\n"
+        f"  AUXOT_ADMIN_KEY_HASH='{admin_hash}' \\\n"
+        f"  AUXOT_API_KEY_HASH='{api_hash}' \\\n"
+        f"  AUXOT_MODEL='{model}'\n"
+        "# Then deploy:\n#   fly deploy"
+    )
+
+
+async def serve(config: RouterConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully."""
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.shutdown_grace + 5)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    await site.start()
+    log.info(
+        "auxot-router started",
+        extra={
+            "addr": f"{config.host}:{config.port}",
+            "redis": redact_url(config.redis_url) if config.redis_url else "embedded",
+            "model": config.model,
+            "instance": app[ROUTER].instance_id,
+        },
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutdown signal received: draining")
+    await runner.cleanup()
+    log.info("shutdown complete")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    command = args[0] if args else ""
+    if command in ("help", "--help", "-h"):
+        print(USAGE)
+        return 0
+    if command == "version":
+        print(f"auxot-router v{VERSION}")
+        return 0
+    if command == "setup":
+        return setup_command(args[1:])
+    if command == "models":
+        from auxot_common.registry import models_command
+
+        return models_command(args[1:])
+    if command:
+        print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        config = RouterConfig.from_env(load_environment())
+    except ConfigError as exc:
+        print(f"auxot-router: configuration error: {exc}", file=sys.stderr)
+        return 1
+    setup_logging(config.log_level)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        log.error("cannot listen", extra={"error": str(exc)})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
