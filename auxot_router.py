@@ -392,7 +392,7 @@ class Router:
         """Read as many jobs as local workers have free slots and hand each to the least busy."""
         while True:
             free = self.pool.total_free()
-            if self.draining or free <= 0:
+            if (self.draining and self.queue.shared) or free <= 0:
                 self.pool.capacity_changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.pool.capacity_changed.wait(), 1.0)
@@ -1004,13 +1004,21 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     router.admin_keys.close()
 
 
-async def drain(app: web.Application) -> None:
-    """On shutdown: take no new work, let running streams finish, then close worker sockets."""
-    router = app[ROUTER]
+async def drain(router: Router) -> None:
+    """Take no new requests and let the ones in flight finish, up to the grace period.
+
+    With the embedded queue this instance is the only one, so it keeps dispatching its queued
+    jobs meanwhile; with a shared Redis it stops reading jobs and leaves them to the others.
+    """
     router.draining = True
     deadline = time.monotonic() + router.config.shutdown_grace
     while router.tracker.handles and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+
+
+async def close_worker_sockets(app: web.Application) -> None:
+    router = app[ROUTER]
+    router.draining = True
     for worker in list(router.pool.workers.values()):
         await worker.ws.close(code=1001, message=b"router shutting down")
 
@@ -1062,7 +1070,7 @@ def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Applicat
     app[ROUTER] = Router(config, redis, server_blocking=server_blocking)
     add_routes(app)
     app.cleanup_ctx.append(background_tasks)
-    app.on_shutdown.append(drain)
+    app.on_shutdown.append(close_worker_sockets)
     return app
 
 
@@ -1161,7 +1169,9 @@ async def serve(config: RouterConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutdown signal received: draining")
+    log.info("shutdown signal received: draining", extra={"grace_s": config.shutdown_grace})
+    await site.stop()  # before runner.cleanup(), which would also close the worker sockets
+    await drain(app[ROUTER])
     await runner.cleanup()
     log.info("shutdown complete")
 

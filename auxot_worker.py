@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import secrets
@@ -455,7 +456,8 @@ class JobRunner:
         url = self._llama.base_url + endpoint
         async with self._session.post(url, data=orjson.dumps(llama_request_body(job)), headers=headers) as resp:
             if resp.status != 200:
-                raise LlamaHTTPError(resp.status, llama_error_message(resp.status, await resp.read()))
+                message = llama_error_message(resp.status, await resp.read())
+                raise LlamaHTTPError(caller_status(resp.status, message), message)
             result = JobResult()
             await self._relay_stream(job, resp, result)
             return result
@@ -526,6 +528,14 @@ def add_token(outgoing: list[proto.Message], job: proto.Job, text: str, *, reaso
         last.token += text
     else:
         outgoing.append(proto.Token(job_id=job.job_id, token=text, reasoning=reasoning))
+
+
+def caller_status(status: int, message: str) -> int:
+    """llama-server answers 500 for requests the model cannot serve (an image without a vision
+    projector); those are the caller's to fix, so they become 400s."""
+    if status >= 500 and "not supported" in message:
+        return 400
+    return status
 
 
 def llama_error_message(status: int, body: bytes) -> str:
@@ -653,7 +663,7 @@ class RouterLink:
         """On shutdown: take no new jobs, give running ones the grace period, then close."""
         await stop.wait()
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.send(proto.Config(capabilities=proto.Capabilities(**{**_caps_dict(caps), "draining": True})))
+            await self.send(proto.Config(capabilities=dataclasses.replace(caps, draining=True)))
         deadline = time.monotonic() + self.config.shutdown_grace
         while runner.tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -665,10 +675,6 @@ class RouterLink:
         if ws is None or ws.closed:
             raise ConnectionError("not connected to the router")
         await ws.send_frame(proto.encode(message), aiohttp.WSMsgType.TEXT)
-
-
-def _caps_dict(caps: proto.Capabilities) -> dict[str, Any]:
-    return {name: getattr(caps, name) for name in caps.__dataclass_fields__}
 
 
 def next_delay(delay: float, cap: float) -> float:

@@ -682,7 +682,8 @@ def sanitize_json_schema(schema: Any) -> JSONObject:
     ``format``, 53-bit integer bounds, ``propertyNames``, descriptions — passes through.
 
     :param schema: a JSON Schema (any JSON value is accepted).
-    :returns: a new dict; the input is never modified.
+    :returns: a new dict (values llama.cpp never reads are shared, not copied); the input is
+        never modified.
     """
     cleaned = _clean_schema(schema, 0)
     _drop_dangling_refs(cleaned, cleaned)
@@ -828,19 +829,25 @@ def _matches_anything(schema: JSONObject) -> bool:
     return not any(key in schema for key in _STRUCTURAL)
 
 
-def _drop_dangling_refs(node: Any, root: JSONObject) -> None:
-    """Remove ``$ref``s llama.cpp cannot resolve (it resolves raw, unescaped pointer segments)."""
-    if isinstance(node, list):
-        for item in node:
-            _drop_dangling_refs(item, root)
-        return
-    if not isinstance(node, dict):
-        return
-    ref = node.get("$ref")
+def _drop_dangling_refs(schema: JSONObject, root: JSONObject) -> None:
+    """Remove ``$ref``s llama.cpp cannot resolve (it resolves raw, unescaped pointer segments).
+
+    Walks only the subschemas :func:`_clean_schema` rebuilt: values under other keys are shared
+    with the caller's schema and llama.cpp never reads them.
+    """
+    ref = schema.get("$ref")
     if isinstance(ref, str) and not isinstance(_resolve_pointer(root, ref), dict):
-        del node["$ref"]
-    for value in node.values():
-        _drop_dangling_refs(value, root)
+        del schema["$ref"]
+    for key in ("properties", "$defs", "definitions"):
+        children = schema.get(key)
+        if isinstance(children, dict):
+            for child in children.values():
+                _drop_dangling_refs(child, root)
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems", "items", "additionalProperties"):
+        value = schema.get(key)
+        for child in value if isinstance(value, list) else [value]:
+            if isinstance(child, dict):
+                _drop_dangling_refs(child, root)
 
 
 def _resolve_pointer(root: JSONObject, ref: str) -> Any:
@@ -1028,7 +1035,7 @@ class AnthropicStream:
                 out.append(self._open_tool(tool_id, function.get("name") or ""))
                 prefix = self._tool_blocks[index] = self._delta_prefix
             arguments = function.get("arguments")
-            if arguments:
+            if arguments and isinstance(arguments, str):
                 # a fragment for a block that is already closed keeps its own index: the SDK's
                 # accumulator places it correctly
                 out.append(prefix + orjson.dumps(arguments) + _DELTA_END)
@@ -1054,7 +1061,7 @@ class AnthropicStream:
             out.append(_BLOCK_START % self._new_block() + _TEXT_BLOCK)
             self._open = _TEXT
         out.append(self._close_block())
-        stop_reason, stop_sequence = _stop_reason(msg, bool(self._tool_blocks) or _has_calls(msg), self._stop_sequences)
+        stop_reason, stop_sequence = _stop_reason(msg, bool(self._tool_blocks or msg.tool_calls), self._stop_sequences)
         delta = {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
@@ -1114,10 +1121,6 @@ def tool_use_id(raw_id: str, message_id: str, position: int) -> str:
     if raw_id:
         return raw_id if raw_id.startswith("toolu_") else "toolu_" + raw_id
     return f"toolu_{message_id.removeprefix('msg_')}_{position}"
-
-
-def _has_calls(msg: Complete) -> bool:
-    return bool(msg.tool_calls)
 
 
 def _stop_reason(msg: Complete, has_tool_calls: bool, stop_sequences: list[str]) -> tuple[str, str | None]:
@@ -1194,7 +1197,7 @@ def build_message(msg: Complete, *, message_id: str, model: str, stop_sequences:
         )
     if not content:
         content.append({"type": "text", "text": ""})
-    stop_reason, stop_sequence = _stop_reason(msg, _has_calls(msg), stop_sequences or [])
+    stop_reason, stop_sequence = _stop_reason(msg, bool(msg.tool_calls), stop_sequences or [])
     return {
         "id": message_id,
         "type": "message",

@@ -66,7 +66,8 @@ def parse_hashes(value: str) -> list[NamedHash]:
     Raises ValueError with a one-line reason for anything that is not an Argon2id PHC string.
     """
     entries: list[NamedHash] = []
-    for index, raw in enumerate(value.replace(";", " ").split(), start=1):
+    for index, entry in enumerate(value.replace(";", " ").split(), start=1):
+        raw = entry.strip("'\"")
         name, sep, phc = raw.partition(":")
         if not sep or name.startswith("$"):
             name, phc = f"key{index}", raw

@@ -16,7 +16,8 @@ additions:
 - ``job.stream`` tells the worker whether the caller streams; tokens of a non-streaming job are
   not sent one by one, only the ``complete`` with the full text.
 
-Fields left at their default are omitted from the JSON (Go's ``omitempty``), except those
+Fields equal to their default are omitted from the JSON (like Go's ``omitempty``, but a
+meaningful zero such as ``temperature: 0`` is kept), except those
 listed in a class's ``_always`` set.
 """
 
@@ -350,8 +351,13 @@ def decode(data: str | bytes) -> Message:
         raise ProtocolError(f"bad {kind} message: {exc}") from None
 
 
-def _is_empty(value: Any) -> bool:
-    return value is None or value is False or value == 0 or value == "" or value == [] or value == {}
+def _is_default(f: dataclasses.Field[Any], value: Any) -> bool:
+    """Omitted fields are those equal to their default: ``temperature: 0`` differs from None."""
+    if f.default is not dataclasses.MISSING:
+        return value is f.default if f.default is None else bool(value == f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return bool(value == f.default_factory())
+    return False
 
 
 def _fields_to_dict(obj: Any) -> JSONObject:
@@ -359,7 +365,7 @@ def _fields_to_dict(obj: Any) -> JSONObject:
     out: JSONObject = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.name not in always and _is_empty(value):
+        if f.name not in always and _is_default(f, value):
             continue
         if hasattr(value, "to_dict"):
             value = value.to_dict()
@@ -373,9 +379,13 @@ def _from_dict(cls: Any, data: JSONObject) -> Any:
         if f.name not in data:
             continue
         value = data[f.name]
-        nested = _NESTED.get(f.type if isinstance(f.type, str) else "")
-        if nested is not None and value is not None:
-            value = nested.from_dict(value)
+        annotation = f.type if isinstance(f.type, str) else ""
+        nested = _NESTED.get(annotation)
+        if nested is not None:
+            if value is None and not annotation.endswith("| None"):
+                raise ValueError(f"{f.name} must be an object")
+            if value is not None:
+                value = nested.from_dict(value)
         kwargs[f.name] = value
     obj = cls(**kwargs)
     _check_types(obj)
@@ -387,6 +397,8 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "bool": (bool,),
     "int": (int,),
     "float": (int, float),
+    "list": (list,),
+    "JSONObject": (dict,),
 }
 
 
@@ -394,12 +406,12 @@ def _check_types(obj: Any) -> None:
     """Reject fields whose JSON type does not match the annotation (a cheap guard, not a schema)."""
     for f in dataclasses.fields(obj):
         annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        expected = _SCALARS.get(annotation)
         value = getattr(obj, f.name)
-        if expected is not None:
-            if not isinstance(value, expected) or (annotation in ("int", "float") and isinstance(value, bool)):
-                raise ValueError(f"{f.name} must be {annotation}")
-        elif annotation.startswith("list") and not isinstance(value, list):
-            raise ValueError(f"{f.name} must be a list")
-        elif annotation.startswith("JSONObject") and not annotation.endswith("None") and not isinstance(value, dict):
-            raise ValueError(f"{f.name} must be an object")
+        base, _, optional = annotation.partition(" | ")
+        if optional == "None" and value is None:
+            continue
+        expected = _SCALARS.get(base.split("[", 1)[0])
+        if expected is None:
+            continue
+        if not isinstance(value, expected) or (base in ("int", "float") and isinstance(value, bool)):
+            raise ValueError(f"{f.name} must be {base}")

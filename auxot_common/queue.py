@@ -68,6 +68,7 @@ class StreamQueue:
         self.prefix = prefix
         self.jobs_key = f"{prefix}jobs"
         self._server_blocking = server_blocking
+        self.shared = server_blocking  # a real Redis may be shared with other router instances
         self._jobs_added = asyncio.Event()
         self._inbox_added = asyncio.Event()
         self._inbox_last_id = "0-0"

@@ -7,6 +7,7 @@ exiting non-zero (the Go router silently fell back to defaults, hiding typos).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -32,10 +33,8 @@ def read_dotenv(path: Path) -> dict[str, str]:
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ConfigError(f"{path}:{number}: expected KEY=value")
         value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        else:
-            value = value.split(" #", 1)[0].rstrip()
+        quoted = re.fullmatch(r"""(['"])(.*?)\1\s*(?:#.*)?""", value)
+        value = quoted.group(2) if quoted else value.split(" #", 1)[0].rstrip()
         values[key] = value
     return values
 
@@ -55,9 +54,13 @@ def parse_duration(text: str) -> float:
     """Seconds from Go-style durations (``15s``, ``5m``, ``1h30m``, ``250ms``) or a bare number."""
     value = text.strip()
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(number):
+            raise ValueError(f"not a finite duration: {text!r}")
+        return number
     pos, total = 0, 0.0
     for match in _DURATION_PART.finditer(value):
         if match.start() != pos:

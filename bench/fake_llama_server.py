@@ -10,29 +10,59 @@ Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /props``, ``GET /slots``, 
 not; also without ``/v1``), ``POST /tokenize``, ``POST /apply-template``, and for tests
 ``GET /fake/stats`` (no API key needed).
 
-Byte layout follows llama.cpp b11434's own JSON (keys in insertion order, no spaces):
-a chat stream is the role chunk and the first token in one write, one ``data:`` event per
-token, the finish chunk (``delta:{}``), a ``choices:[]`` usage chunk only with
-``stream_options.include_usage``, ``timings`` on the last of those two, then ``data: [DONE]``.
+Byte layout follows llama.cpp b11434's own JSON (keys in insertion order, no spaces), checked
+against the real binary: a chat stream is the role chunk and the first token in one write, one
+``data:`` event per token, the finish chunk (``delta:{}``), a ``choices:[]`` usage chunk only
+with ``stream_options.include_usage``, ``timings`` on the last of those two, then
+``data: [DONE]``. Errors are ``{"error":{"code","message","type"}}``; 401 bodies use
+llama-server's own key order. The model is named by the ``-m`` argument as given (or ``-a``).
 
 Each generated token is the word " tok". Tokenization is one token per 4 UTF-8 bytes
-(rounded up) of the ChatML-rendered prompt; ``/tokenize`` and ``usage.prompt_tokens`` agree.
-Slots remember their last prompt: a request goes to the free slot sharing the longest prefix
-(or to ``id_slot``), and the shared prefix is reported as ``cached_tokens``.
+(rounded up) of the prompt as Qwen2.5's chat template renders it (``/apply-template``), so
+``/tokenize`` and ``usage.prompt_tokens`` agree. Slots remember their last prompt: a request
+goes to the free slot sharing the longest prefix (or to ``id_slot``) and the shared prefix is
+reported as ``cached_tokens`` (never the last token, as in llama-server). A prompt of a slot's
+context or more gets llama-server's 400 ``exceed_context_size_error``; generation stops with
+"length" when the slot's context is full (no context shift).
 With ``max_tokens`` (or ``max_completion_tokens``/``n_predict``) exactly that many tokens are
-generated and ``finish_reason`` is "length"; without it FAKE_LLAMA_DEFAULT_TOKENS tokens and "stop".
+generated and ``finish_reason`` is "length"; without it FAKE_LLAMA_DEFAULT_TOKENS and "stop".
+At most ``--parallel`` requests generate at once; the others wait for a slot, in order.
 
 Environment:
   FAKE_LLAMA_TOKENS_PER_SEC         per-stream token rate; 0 = as fast as possible (default 0)
   FAKE_LLAMA_DEFAULT_TOKENS         tokens when the request has no max_tokens (default 64)
-  FAKE_LLAMA_FLAT_BATCH             chunks per write when flat out (default 16)
+  FAKE_LLAMA_FLAT_BATCH             chunks per write when flat out (default 16); each chunk is
+                                    still its own ``data:`` event
   FAKE_LLAMA_PROMPT_TOKENS_PER_SEC  simulated prefill speed for uncached tokens; 0 = instant
   FAKE_LLAMA_LOAD_SECONDS           answer 503 "Loading model" this long after start (default 0)
   FAKE_LLAMA_N_PARAMS               meta.n_params in /v1/models (default 494032768)
 
 Fault injection: if the last user message's text (or its first text part; the prompt for
-/v1/completions) starts with ``FAKE:<scenario>``, the request follows that scenario — see
-SCENARIOS below and tests/test_fake_llama_server.py.
+/v1/completions) starts with ``FAKE:<scenario>``, the request follows that scenario instead
+(fixed output, max_tokens ignored unless noted):
+  tool_call_split          one get_weather call: a first fragment with index, id (32 chars),
+                           type and function {name, arguments:"{"} (what b11434 sends), then
+                           3-character argument fragments {index, function:{arguments}};
+                           finish "tool_calls"
+  parallel_tool_calls      get_weather (index 0) and get_time (index 1), fragments interleaved
+                           0,1,0,1... (llama-server itself sends them one after the other:
+                           parallel_tool_calls_seq does that)
+  reasoning_then_content   five reasoning_content deltas, then seven content deltas; "stop"
+  xml_tool_call_in_content a Qwen3-Coder <tool_call><function=get_weather>... block as plain
+                           content, one delta per line; "stop"
+  think_tags_in_content    content "<think>\nLet me think.\n</think>\n\nThe answer is 4." in
+                           ten deltas; "stop"
+  error_mid_stream         three " tok" deltas, then ``data: {"error":{"code":500,...}}`` and
+                           the stream ends (no finish chunk, no [DONE]); HTTP 500 if not streamed
+  context_exceeded         HTTP 400 exceed_context_size_error with n_prompt_tokens > n_ctx
+  stall                    the role chunk, then nothing until the client disconnects
+  crash                    three " tok" deltas, then the process exits with os._exit(1)
+  slow_first_token:SECONDS headers at once, the first token after SECONDS, then as usual
+  echo                     content = the whole last user message (including "FAKE:echo"),
+                           one delta per word, capped by max_tokens
+``GET /fake/stats``: requests_started, requests_completed, requests_aborted (the client went
+away first), requests_errored (scenario errors, 400s), active, deferred, max_active,
+tokens_generated, prompt_tokens.
 """
 
 from __future__ import annotations
@@ -803,7 +833,7 @@ class FakeLlamaServer:
     async def _stream(
         self, request: web.Request, job: Job, units: list[bytes], outcome: Outcome, delay: float
     ) -> Finished:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Server": "llama.cpp"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)  # llama-server sends headers once the slot starts the prompt
         started = time.monotonic()
         await _sleep(delay)
@@ -818,7 +848,6 @@ class FakeLlamaServer:
             await self._pace(resp, units)
         outcome.completion_tokens = len(job.deltas)
         outcome.predicted_ms = (time.monotonic() - started) * 1e3 - outcome.prompt_ms
-        self.stats.tokens_generated += outcome.completion_tokens
         if plan.tail:
             return resp, await self._tail(resp, plan.tail)
         await resp.write(enc.final(plan.finish, outcome, job.include_usage) + b"data: [DONE]\n\n")
@@ -826,11 +855,13 @@ class FakeLlamaServer:
         return resp, "completed"
 
     async def _pace(self, resp: web.StreamResponse, units: Sequence[bytes]) -> None:
-        rate, total = self.cfg.tokens_per_sec, len(units)
+        """Write one unit per token at the configured rate (tokens_generated counts what went out)."""
+        rate, total, stats = self.cfg.tokens_per_sec, len(units), self.stats
         if rate <= 0:
             batch = self.cfg.flat_batch
             for i in range(0, total, batch):
                 await resp.write(b"".join(units[i : i + batch]))
+                stats.tokens_generated += min(batch, total - i)
                 await asyncio.sleep(0)  # let the other streams have the loop
             return
         loop = asyncio.get_running_loop()
@@ -839,6 +870,7 @@ class FakeLlamaServer:
             # every token whose time has come goes now, so a late wake-up does not slow the rate
             due = min(total, int((loop.time() - start) * rate) + 1)
             await resp.write(b"".join(units[sent:due]))
+            stats.tokens_generated += due - sent
             sent = due
             if sent < total:
                 await asyncio.sleep(max(start + sent / rate - loop.time(), 0.0))

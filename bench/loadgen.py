@@ -76,32 +76,31 @@ class Load:
     closes: float = math.inf
 
     async def one(self, session: aiohttp.ClientSession) -> None:
-        started = time.perf_counter()
-        measured = self.opens <= started < self.closes
         self.tally.requests += 1
         try:
-            tokens, ttft, ended_ok = await self._read(session, started)
+            tokens, ended_ok = await self._read(session)
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             self.tally.fail(f"{type(exc).__name__}: {exc}")
             return
-        if ttft is not None and measured:
-            self.tally.ttfts.append(ttft)
         if ended_ok and tokens < self.max_tokens:
             self.tally.short += 1
 
-    async def _read(self, session: aiohttp.ClientSession, started: float) -> tuple[int, float | None, bool]:
-        """(tokens, TTFT, whether the stream ended well); records failures itself."""
-        tokens, tail, saw_error, ttft = 0, b"", False, None
+    async def _read(self, session: aiohttp.ClientSession) -> tuple[int, bool]:
+        """(tokens, whether the stream ended well); records TTFT and failures itself."""
+        started = time.perf_counter()
+        measured = self.opens <= started < self.closes
+        tokens, tail, saw_error = 0, b"", False
         async with session.post(self.url, data=self.body, headers=self.headers) as resp:
             if resp.status != 200:
                 self.tally.fail(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
-                return 0, None, False
+                return 0, False
             async for chunk in resp.content.iter_any():
                 buf = tail + chunk
                 found = buf.count(TOKEN) - tail.count(TOKEN)  # matches inside the tail were counted
                 if found:
                     now = time.perf_counter()
-                    ttft = now - started if ttft is None else ttft
+                    if tokens == 0 and measured:
+                        self.tally.ttfts.append(now - started)
                     tokens += found
                     if self.opens <= now < self.closes:
                         self.tally.tokens += found
@@ -111,7 +110,7 @@ class Load:
             self.tally.fail("error event in stream")
         elif b"[DONE]" not in tail:
             self.tally.fail("stream ended without [DONE]")
-        return tokens, ttft, not saw_error and b"[DONE]" in tail
+        return tokens, not saw_error and b"[DONE]" in tail
 
 
 def chat_url(url: str) -> str:

@@ -95,7 +95,7 @@ class Child:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of one process, its own threads only, not its children.
+    """CPU time (user + system) of one process: its live threads, not its children.
 
     Summed from each thread's ``se.sum_exec_runtime`` (nanosecond precision) where the kernel
     has /proc/PID/task/TID/sched; otherwise utime + stime of /proc/PID/stat, which comes in

@@ -251,6 +251,29 @@ async def test_models_props_tokenize_apply_template(server: FakeProcess) -> None
         assert prompt == system + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_rendering_matches_real_llama_server_qwen25_template() -> None:
+    # the expected prompt is what b11434's /apply-template returned for the tiny test model
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "w", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+    call = {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+    messages = [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "1", "content": "warm"},
+    ]  # fmt: skip
+    expected = (
+        "<|im_start|>system\nS" + fake.TOOLS_INTRO
+        + '\n{"type": "function", "function": {"name": "get_weather", "description": "w", "parameters": '
+        '{"type": "object", "properties": {"city": {"type": "string"}}}}}' + fake.TOOLS_OUTRO
+        + "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\nwarm\n</tool_response>"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )  # fmt: skip
+    assert fake.render_chatml(messages, [weather]) == expected
+
+
 def test_command_line_skips_unknown_flags_with_and_without_values() -> None:
     argv = ["--jinja", "-m", "m.gguf", "-ctk", "q8_0", "--seed", "-1", "-np", "3", "--ctx-size=99", "-fa",
             "--api-key", "-a", "--api-key", "b", "--no-webui"]  # fmt: skip
@@ -298,6 +321,13 @@ async def test_parallel_tool_calls_interleave(server: FakeProcess) -> None:
     assert status == 200
     message = orjson.loads(raw)["choices"][0]["message"]
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "get_time"]
+
+
+async def test_parallel_tool_calls_seq_come_one_after_the_other(server: FakeProcess) -> None:
+    ds = deltas(await stream(server.url, chat_body("FAKE:parallel_tool_calls_seq")))
+    order = [d["tool_calls"][0]["index"] for d in ds if "tool_calls" in d]
+    assert order == sorted(order) and order[0] == 0 and order[-1] == 1
+    assert list(assemble_tool_calls(ds)) == [0, 1]
 
 
 async def test_reasoning_then_content(server: FakeProcess) -> None:
@@ -390,6 +420,17 @@ async def test_parallel_limits_concurrent_generation(server: FakeProcess) -> Non
     assert [status for status, _ in results] == [200, 200, 200]
     assert elapsed >= 0.6  # two slots: the third request waited for one to free up
     assert stats(server.url)["max_active"] <= 2
+
+
+async def test_loadgen_counts_every_token(server: FakeProcess) -> None:
+    sys.path.insert(0, str(FAKE.parent))
+    try:
+        import loadgen
+    finally:
+        sys.path.remove(str(FAKE.parent))
+    summary = await loadgen.run_load(server.url, KEY, 2, requests_per_stream=3, max_tokens=50)
+    assert summary["tokens"] == 2 * 3 * 50  # flat out, 16 tokens per write: counted by content
+    assert summary["errors"] == 0 and summary["short"] == 0 and summary["ttft_ms"]["p50"] is not None
 
 
 async def test_crash_exits_the_process(tmp_path: Path) -> None:
