@@ -32,6 +32,7 @@ from aiohttp import WSMsgType, web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from auxot_common import anthropic_api as anthropic
 from auxot_common import protocol as proto
 from auxot_common.auth import (
     API_KEY_PREFIX,
@@ -59,6 +60,7 @@ from auxot_common.openai_api import (
     parse_completion_request,
 )
 from auxot_common.queue import RelayPublisher, StreamQueue
+from auxot_common.registry import ModelResolution, RegistryError, load_registry, resolve_model
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 
 VERSION = "0.1.0"
@@ -115,36 +117,58 @@ class RouterConfig:
         return cls(
             api_key_hashes=api_hashes,
             admin_key_hashes=admin_hashes,
-            model=read.str("AUXOT_MODEL", DEFAULT_MODEL),
-            quantization=read.str("AUXOT_QUANTIZATION", ""),
-            ctx_size=read.int("AUXOT_CTX_SIZE", 131072, minimum=256),
-            max_parallel=read.int("AUXOT_MAX_PARALLEL", 2, minimum=1, maximum=512),
-            host=read.str("AUXOT_HOST", "0.0.0.0"),
-            port=read.int("AUXOT_PORT", 8080, minimum=0, maximum=65535),
+            model=read.text("AUXOT_MODEL", DEFAULT_MODEL),
+            quantization=read.text("AUXOT_QUANTIZATION", ""),
+            ctx_size=read.integer("AUXOT_CTX_SIZE", 131072, minimum=256),
+            max_parallel=read.integer("AUXOT_MAX_PARALLEL", 2, minimum=1, maximum=512),
+            host=read.text("AUXOT_HOST", "0.0.0.0"),
+            port=read.integer("AUXOT_PORT", 8080, minimum=0, maximum=65535),
             log_level=read.choice("AUXOT_LOG_LEVEL", "info", ("debug", "info", "warn", "warning", "error")),
             job_timeout=read.duration("AUXOT_JOB_TIMEOUT", 300.0, minimum=1.0),
             heartbeat_interval=heartbeat,
             dead_worker_timeout=read.duration("AUXOT_DEAD_WORKER_TIMEOUT", max(45.0, 3 * heartbeat), minimum=0.1),
             auth_cache_ttl=read.duration("AUXOT_AUTH_CACHE_TTL", 300.0),
-            redis_url=read.str("AUXOT_REDIS_URL", ""),
-            redis_prefix=read.str("AUXOT_REDIS_PREFIX", "auxot:"),
-            registry_file=read.str("AUXOT_REGISTRY_FILE", ""),
-            max_body_bytes=read.int("AUXOT_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024),
-            max_queue=read.int("AUXOT_MAX_QUEUE", 1000, minimum=1),
-            max_attempts=read.int("AUXOT_MAX_ATTEMPTS", 3, minimum=1, maximum=10),
+            redis_url=read.text("AUXOT_REDIS_URL", ""),
+            redis_prefix=read.text("AUXOT_REDIS_PREFIX", "auxot:"),
+            registry_file=read.text("AUXOT_REGISTRY_FILE", ""),
+            max_body_bytes=read.integer("AUXOT_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024),
+            max_queue=read.integer("AUXOT_MAX_QUEUE", 1000, minimum=1),
+            max_attempts=read.integer("AUXOT_MAX_ATTEMPTS", 3, minimum=1, maximum=10),
             sse_keepalive=read.duration("AUXOT_SSE_KEEPALIVE", 10.0, minimum=0.05),
             shutdown_grace=read.duration("AUXOT_SHUTDOWN_GRACE", 30.0),
             hello_timeout=read.duration("AUXOT_HELLO_TIMEOUT", 5.0, minimum=0.1),
             sweep_interval=read.duration("AUXOT_SWEEP_INTERVAL", 15.0, minimum=0.05),
         )
 
-    def policy(self) -> proto.Policy:
-        return proto.Policy(
-            model_name=self.model,
-            quantization=self.quantization,
-            context_size=self.ctx_size,
-            max_parallelism=self.max_parallel,
-        )
+    def resolve(self, *, vram_total_gb: float = 0.0, vram_free_gb: float = 0.0) -> ModelResolution:
+        """The registry resolution of AUXOT_MODEL; raises ConfigError with suggestions."""
+        try:
+            return resolve_model(
+                load_registry(self.registry_file or None),
+                self.model,
+                self.quantization or None,
+                context_size=self.ctx_size,
+                parallel=self.max_parallel,
+                vram_total_gb=vram_total_gb,
+                vram_free_gb=vram_free_gb,
+            )
+        except (RegistryError, OSError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def policy_from(resolution: ModelResolution) -> proto.Policy:
+    return proto.Policy(
+        model_name=resolution.model_name,
+        quantization=resolution.quantization,
+        context_size=resolution.context_size,
+        max_parallelism=resolution.parallel,
+        capabilities=list(resolution.capabilities),
+        huggingface_id=resolution.huggingface_id,
+        files=list(resolution.files),
+        mmproj_file=resolution.mmproj_file,
+        family=resolution.family,
+        parameters=resolution.parameters,
+    )
 
 
 # === Worker pool ==================================================================================
@@ -165,6 +189,7 @@ class WorkerConnection:
     capabilities: proto.Capabilities
     slots: int
     running: dict[str, RunningJob] = field(default_factory=dict)
+    side_jobs: set[str] = field(default_factory=set)  # slot-free jobs (tokenize) awaiting an answer
     connected_at: float = field(default_factory=time.time)
 
     @property
@@ -381,7 +406,9 @@ class Router:
         self.api_keys = KeyVerifier(config.api_key_hashes, cache_ttl=config.auth_cache_ttl)
         self.admin_keys = KeyVerifier(config.admin_key_hashes, cache_ttl=config.auth_cache_ttl)
         self.auth_failures = FailureLimiter()
-        self.policy = config.policy()
+        self.resolution = config.resolve()
+        self.policy = policy_from(self.resolution)
+        self.model_name = self.resolution.model_name
         self.backlog: deque[tuple[str, proto.Job]] = deque()
         self.draining = False
         self.started = int(time.time())
@@ -421,7 +448,9 @@ class Router:
         cancelled = await self.queue.cancelled(remote) if remote else set()
         now = time.time()
         for entry_id, job in jobs:
-            gone = job.job_id in cancelled or (job.reply_to == self.instance_id and job.job_id not in self.tracker.handles)
+            gone = job.job_id in cancelled or (
+                job.reply_to == self.instance_id and job.job_id not in self.tracker.handles
+            )
             if gone or (job.deadline and job.deadline < now):
                 drop.append(entry_id)
             else:
@@ -460,6 +489,8 @@ class Router:
             running = worker.running.get(message.job_id)
             if running is not None and not self.route(running.job.reply_to, message, raw):
                 await self._stop_on_worker(worker, message.job_id)  # its caller left meanwhile
+        elif isinstance(message, proto.Complete | proto.Error) and message.job_id in worker.side_jobs:
+            self.tracker.deliver(message)
         elif isinstance(message, proto.Complete | proto.Error) and message.job_id:
             running = worker.running.pop(message.job_id, None)
             if running is not None:
@@ -467,7 +498,9 @@ class Router:
                 self.route(running.job.reply_to, message, raw)
                 await self.queue.ack([running.entry_id])
         elif isinstance(message, proto.Heartbeat):
-            await self.queue.beat_worker(worker.worker_id, worker.info(self.instance_id), self.config.dead_worker_timeout)
+            await self.queue.beat_worker(
+                worker.worker_id, worker.info(self.instance_id), self.config.dead_worker_timeout
+            )
             await worker.send(proto.HeartbeatAck())
         elif isinstance(message, proto.Config):
             worker.capabilities = message.capabilities
@@ -502,7 +535,9 @@ class Router:
         for running in lost:
             self.route(running.job.reply_to, proto.WorkerLost(running.job.job_id, reason))
         if lost:
-            log.warning("worker disconnected with running jobs", extra={"worker_id": worker.worker_id, "jobs": len(lost)})
+            log.warning(
+                "worker disconnected with running jobs", extra={"worker_id": worker.worker_id, "jobs": len(lost)}
+            )
 
     async def cancel_job(self, job_id: str, dispatched_to: tuple[str, str] | None) -> None:
         """Stop a job whose caller left: skip it at dispatch, or tell its worker to abort."""
@@ -531,11 +566,57 @@ class Router:
         elif not self.tracker.deliver(message) and isinstance(message, proto.Dispatched):
             self.relay.send(message.instance_id, proto.encode(proto.Cancel(message.job_id)))
 
+    def policy_for(self, caps: proto.Capabilities) -> proto.Policy:
+        """The policy for one worker: with AUXOT_QUANTIZATION=auto, the best quantization that
+        fits the VRAM it reported."""
+        if caps.vram_gb <= 0 or self.config.quantization.lower() not in ("", "auto"):
+            return self.policy
+        try:
+            resolution = self.config.resolve(vram_free_gb=caps.vram_gb)
+        except ConfigError:
+            return self.policy
+        if resolution.warning:
+            log.warning("model may not fit the worker", extra={"warning": resolution.warning, "vram_gb": caps.vram_gb})
+        return policy_from(resolution)
+
+    # --- tokenizing (count_tokens) --------------------------------------------------------------
+
+    async def tokenize(self, job: proto.Job, timeout: float) -> int | None:
+        """Exact prompt tokens via a local worker's llama-server; None if none answers in time.
+
+        Counting needs no generation slot, so it goes straight to the least busy worker of this
+        instance instead of waiting in the queue behind generations.
+        """
+        workers = sorted(self.pool.workers.values(), key=lambda w: len(w.running))
+        if not workers:
+            return None
+        worker = workers[0]
+        job.reply_to = self.instance_id
+        handle = JobHandle(job=job, arrived=time.time(), deadline=time.time() + timeout)
+        self.tracker.handles[job.job_id] = handle
+        worker.side_jobs.add(job.job_id)
+        try:
+            await worker.send(job)
+            final = await wait_final(self, handle)
+        except (ConnectionError, RuntimeError):
+            return None
+        finally:
+            worker.side_jobs.discard(job.job_id)
+            self.tracker.handles.pop(job.job_id, None)
+        if isinstance(final, proto.Complete):
+            return final.input_tokens
+        return None
+
     # --- health ---------------------------------------------------------------------------------
 
     async def health(self) -> tuple[int, dict[str, Any]]:
         local = [w.info(self.instance_id) for w in self.pool.workers.values()]
-        body: dict[str, Any] = {"status": "ok", "version": VERSION, "instance": self.instance_id, "model": self.config.model}
+        body: dict[str, Any] = {
+            "status": "ok",
+            "version": VERSION,
+            "instance": self.instance_id,
+            "model": self.model_name,
+        }
         status = 200
         try:
             depth = await self.queue.depth()
@@ -572,9 +653,7 @@ def is_anthropic(request: web.Request) -> bool:
         return True
     if path.startswith("/v1/messages"):
         return True
-    return path.startswith("/v1/models") and (
-        "anthropic-version" in request.headers or "x-api-key" in request.headers
-    )
+    return path.startswith("/v1/models") and ("anthropic-version" in request.headers or "x-api-key" in request.headers)
 
 
 _ANTHROPIC_TYPES = {
@@ -606,7 +685,11 @@ def error_response(request: web.Request, status: int, message: str, *, retry_aft
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     if is_anthropic(request):
         kind = _ANTHROPIC_TYPES.get(status, "api_error")
-        body = {"type": "error", "error": {"type": kind, "message": message}, "request_id": f"req_{secrets.token_hex(12)}"}
+        body = {
+            "type": "error",
+            "error": {"type": kind, "message": message},
+            "request_id": f"req_{secrets.token_hex(12)}",
+        }
     else:
         body = error_body(message, _OPENAI_TYPES.get(status, "server_error"))
     return web.json_response(body, status=status, headers=headers, dumps=_dumps)
@@ -669,7 +752,9 @@ async def errors_middleware(
         return error_response(request, 503, "the job queue is unavailable; try again shortly", retry_after=2)
     except QueueFullError:
         status = 529 if is_anthropic(request) else 429
-        return error_response(request, status, "too many requests are waiting for a GPU; try again shortly", retry_after=5)
+        return error_response(
+            request, status, "too many requests are waiting for a GPU; try again shortly", retry_after=5
+        )
 
 
 OPEN_PATHS = frozenset({"/health", "/ws"})
@@ -688,7 +773,11 @@ async def auth_middleware(
         return error_response(request, 429, "too many failed authentication attempts; slow down", retry_after=60)
     key = presented_key(request)
     if not key:
-        missing = "missing API key: set the x-api-key header or use Bearer" if is_anthropic(request) else "missing Bearer token"
+        missing = (
+            "missing API key: set the x-api-key header or use Bearer"
+            if is_anthropic(request)
+            else "missing Bearer token"
+        )
         return error_response(request, 401, missing)
     if await router.api_keys.verify(key) is None:
         router.auth_failures.record_failure(client)
@@ -712,7 +801,21 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(12)}"
 
 
-def job_from(request_: ChatRequest, kind: str, job_id: str) -> proto.Job:
+class JobRequest(Protocol):
+    """A validated request of either API (OpenAI's or Anthropic's ChatRequest)."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    temperature: float | None
+    reasoning_effort: str
+    params: dict[str, Any]
+    stream: bool
+
+    @property
+    def max_tokens(self) -> int | None: ...
+
+
+def job_from(request_: JobRequest, kind: str, job_id: str) -> proto.Job:
     return proto.Job(
         job_id=job_id,
         messages=request_.messages,
@@ -739,7 +842,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> web.StreamResponse:
     router = request.app[ROUTER]
     completion_id = new_id("chatcmpl-" if kind == "chat" else "cmpl-")
-    model = chat.model or router.config.model
+    model = chat.model or router.model_name
     created = int(time.time())
     handle = await router.tracker.submit(job_from(chat, kind, completion_id))
     log.info("job accepted", extra={"job_id": completion_id, "kind": kind, "stream": chat.stream})
@@ -828,17 +931,25 @@ def encode_batch(handle: JobHandle, encoder: StreamEncoder, batch: list[proto.Me
     return bytes(out)
 
 
-async def openai_models(request: web.Request) -> web.Response:
+async def list_models(request: web.Request) -> web.Response:
+    """``/models`` in the shape of the API asking (``/v1/models`` serves both)."""
     router = request.app[ROUTER]
-    return json_response(models_list(router.config.model, router.started))
+    if is_anthropic(request):
+        context = router.policy.context_size
+        return json_response(anthropic.models_list(router.model_name, max_input_tokens=context, max_tokens=context))
+    return json_response(models_list(router.model_name, router.started))
 
 
-async def openai_model(request: web.Request) -> web.Response:
+async def get_model(request: web.Request) -> web.Response:
     router = request.app[ROUTER]
     model_id = request.match_info.get("model_id", "")
-    if model_id != router.config.model:
-        return error_response(request, 404, f'The model "{model_id}" does not exist')
-    return json_response(model_object(router.config.model, router.started))
+    if model_id != router.model_name:
+        suffix = " or you do not have access to it." if is_anthropic(request) else ""
+        return error_response(request, 404, f'The model "{model_id}" does not exist{suffix}')
+    if is_anthropic(request):
+        context = router.policy.context_size
+        return json_response(anthropic.model_object(router.model_name, max_input_tokens=context, max_tokens=context))
+    return json_response(model_object(router.model_name, router.started))
 
 
 async def list_stored_completions(request: web.Request) -> web.Response:
@@ -853,6 +964,54 @@ async def stored_completion(request: web.Request) -> web.Response:
 
 async def not_implemented(request: web.Request) -> web.Response:
     return error_response(request, 501, f"endpoint not implemented: {request.method} {request.path}")
+
+
+# === Handlers: Anthropic ==========================================================================
+
+
+async def anthropic_messages(request: web.Request) -> web.StreamResponse:
+    router = request.app[ROUTER]
+    body = await read_json(request)
+    try:
+        chat = anthropic.translate_request(body, max_output_tokens=router.policy.context_size)
+    except anthropic.AnthropicError as exc:
+        return error_response(request, exc.status, exc.message)
+    message_id = new_id("msg_")
+    model = chat.model or router.model_name
+    stop_sequences = body.get("stop_sequences") if isinstance(body.get("stop_sequences"), list) else None
+    handle = await router.tracker.submit(job_from(chat, "chat", new_id("chatcmpl-")))
+    log.info("job accepted", extra={"job_id": handle.job.job_id, "kind": "messages", "stream": chat.stream})
+    try:
+        if not chat.stream:
+            final = await wait_final(router, handle)
+            if isinstance(final, proto.Error):
+                return job_error_response(request, final)
+            return json_response(
+                anthropic.build_message(final, message_id=message_id, model=model, stop_sequences=stop_sequences)
+            )
+        encoder = anthropic.AnthropicStream(message_id, model, stop_sequences=stop_sequences)
+        return await stream_job(request, router, handle, encoder, keepalive=anthropic.AnthropicStream.ping())
+    finally:
+        router.tracker.abandon(handle)
+
+
+TOKEN_COUNT_HEADER = "x-auxot-token-count"
+
+
+async def anthropic_count_tokens(request: web.Request) -> web.Response:
+    """Exact with the model's own chat template and tokenizer (through a worker); an estimate,
+    marked as such in a header, only when no worker can answer."""
+    router = request.app[ROUTER]
+    body = await read_json(request)
+    try:
+        chat = anthropic.count_tokens_request(body)
+    except anthropic.AnthropicError as exc:
+        return error_response(request, exc.status, exc.message)
+    job = job_from(chat, "tokenize", new_id("tok-"))
+    count = await router.tokenize(job, timeout=15.0)
+    if count is not None:
+        return json_response({"input_tokens": count}, headers={TOKEN_COUNT_HEADER: "exact"})
+    return json_response({"input_tokens": anthropic.estimate_tokens(body)}, headers={TOKEN_COUNT_HEADER: "estimate"})
 
 
 # === Handlers: health and the worker hub ==========================================================
@@ -882,11 +1041,13 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     if not router.auth_failures.allowed(client) or await router.admin_keys.verify(hello.gpu_key) is None:
         router.auth_failures.record_failure(client)
         log.warning("worker rejected: invalid GPU key", extra={"remote": client})
-        await ws.send_str(proto.encode(proto.HelloAck(success=False, error="invalid GPU key: authentication failed")).decode())
+        await ws.send_str(
+            proto.encode(proto.HelloAck(success=False, error="invalid GPU key: authentication failed")).decode()
+        )
         await ws.close()
         return ws
     worker_id = secrets.token_hex(16)
-    ack = proto.HelloAck(success=True, gpu_id=worker_id, policy=router.policy)
+    ack = proto.HelloAck(success=True, gpu_id=worker_id, policy=router.policy_for(hello.capabilities))
     await ws.send_str(proto.encode(ack).decode())
     if hello.policy_only:
         with contextlib.suppress(TimeoutError):
@@ -922,7 +1083,9 @@ async def serve_worker(router: Router, worker: WorkerConnection) -> None:
     reason = "connection closed"
     try:
         with contextlib.suppress(RedisError):
-            await router.queue.beat_worker(worker.worker_id, worker.info(router.instance_id), router.config.dead_worker_timeout)
+            await router.queue.beat_worker(
+                worker.worker_id, worker.info(router.instance_id), router.config.dead_worker_timeout
+            )
         async for msg in worker.ws:
             if msg.type != WSMsgType.TEXT:
                 reason = "protocol error: binary frame"
@@ -1031,28 +1194,41 @@ def api_paths(api: str, rest: str) -> list[str]:
     return [f"/api/{api}{v}{rest}" for v in ("", "/v1", "/v1/v1")] + [f"/v1{rest}"]
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+OPENAI_ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/chat/completions", chat_completions),
+    ("GET", "/chat/completions", list_stored_completions),
+    ("GET", "/chat/completions/{completion_id}", stored_completion),
+    ("DELETE", "/chat/completions/{completion_id}", stored_completion),
+    ("GET", "/chat/completions/{completion_id}/messages", stored_completion),
+    ("POST", "/completions", completions),
+    ("POST", "/embeddings", not_implemented),
+    ("GET", "/models", list_models),
+    ("GET", "/models/{model_id}", get_model),
+]
+ANTHROPIC_ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/messages", anthropic_messages),
+    ("POST", "/messages/count_tokens", anthropic_count_tokens),
+    ("*", "/messages/batches", not_implemented),
+    ("*", "/messages/batches/{tail:.*}", not_implemented),
+    ("GET", "/models", list_models),
+    ("GET", "/models/{model_id}", get_model),
+]
+
+
 def add_routes(app: web.Application) -> None:
-    routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
-        ("GET", "/health", health),
-        ("GET", "/ws", worker_socket),
-    ]
-    openai = [
-        ("POST", "/chat/completions", chat_completions),
-        ("GET", "/chat/completions", list_stored_completions),
-        ("GET", "/chat/completions/{completion_id}", stored_completion),
-        ("DELETE", "/chat/completions/{completion_id}", stored_completion),
-        ("GET", "/chat/completions/{completion_id}/messages", stored_completion),
-        ("POST", "/completions", completions),
-        ("POST", "/embeddings", not_implemented),
-        ("GET", "/models", openai_models),
-        ("GET", "/models/{model_id}", openai_model),
-    ]
-    for method, rest, handler in openai:
-        for path in api_paths("openai", rest):
-            routes.append((method, path, handler))
-    for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
-    app.router.add_route("*", "/api/openai/{tail:.*}", not_implemented)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ws", worker_socket)
+    added: set[tuple[str, str]] = set()
+    for api, table in (("openai", OPENAI_ROUTES), ("anthropic", ANTHROPIC_ROUTES)):
+        for method, rest, handler in table:
+            for path in api_paths(api, rest):
+                if (method, path) not in added:  # /v1/models serves both APIs (is_anthropic decides)
+                    added.add((method, path))
+                    app.router.add_route(method, path, handler)
+    for api in ("openai", "anthropic"):
+        app.router.add_route("*", f"/api/{api}/{{tail:.*}}", not_implemented)
 
 
 def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Application:

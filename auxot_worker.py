@@ -1,13 +1,26 @@
 #!/usr/bin/env python3
-"""Auxot worker: runs llama-server on this machine and serves a router's jobs with it.
+"""Auxot worker: provisions llama-server on this machine and serves a router's jobs with it.
 
-The worker dials OUT to the router (so a GPU behind NAT can serve): a short policy-only
-connection to learn what to serve, then it prepares llama-server (bound to 127.0.0.1 on a port
-it owns, with a random API key of its own) and holds a permanent connection that receives jobs
-and returns their tokens. Tokens that llama-server delivered together go out in one frame.
+The worker dials OUT to the router (so a GPU behind NAT can serve). Its life:
 
-Reading order: configuration, llama-server supervision, job execution, the router link,
-command line.
+1. detect the GPUs, which the policy-only hello reports so that the router can pick the
+   quantization that fits this machine;
+2. a short policy-only connection learns what to serve: the model's Hugging Face repository
+   and files, the context per slot and the slots;
+3. the llama-server binary (the release build for this GPU) and the model, downloaded with
+   resume and integrity checks into caches, unless the user names local ones; or, with
+   ``--backend-url``, an OpenAI-compatible server that already runs (no download, no spawn);
+4. llama-server on 127.0.0.1 with a random API key of its own; when it runs out of memory at
+   start it is retried with fewer slots, then with less context per slot;
+5. the permanent connection: jobs in, tokens out (tokens that arrived together share a frame).
+
+A supervisor restarts llama-server when it crashes, with backoff and a limit, reporting zero
+slots to the router meanwhile, and applies the router's ``policy_update`` (another model is
+downloaded while the old one still serves). SIGTERM lets running jobs finish, stops
+llama-server and exits 0; a download in progress resumes at the next start.
+
+Reading order: configuration, llama-server supervision, job execution, the router link, the
+worker's lifecycle and command line.
 """
 
 from __future__ import annotations
@@ -23,19 +36,32 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
 
 from auxot_common import protocol as proto
+from auxot_common.downloads import DownloadError
+from auxot_common.gpu import GpuInfo, detect_gpus, gpu_layers_for
+from auxot_common.llama_binary import DEFAULT_ASSET_BASE_URL
 from auxot_common.logs import setup_logging
+from auxot_common.provision import (
+    ModelFiles,
+    ProvisionError,
+    dial_down_steps,
+    policy_change,
+    provide_binary,
+    provide_model,
+)
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 
 VERSION = "0.1.0"
 log = logging.getLogger("auxot.worker")
+_T = TypeVar("_T")
 
 
 # === Configuration ================================================================================
@@ -48,39 +74,61 @@ class WorkerConfig:
     gpu_key: str
     router_url: str = "ws://localhost:8080/ws"
     model_path: str = ""
+    mmproj_path: str = ""
     llama_server_path: str = ""
-    gpu_layers: int = 9999
+    models_dir: str = "~/.auxot/models"
+    llama_cache_dir: str = "~/.auxot/llama-server"
+    llama_asset_url: str = DEFAULT_ASSET_BASE_URL
+    backend_url: str = ""
+    backend_api_key: str = ""
+    gpu_layers: int | None = None  # None: every layer on a GPU, none without one
     threads: int = 0
     max_parallel: int = 0  # 0: what the router's policy says
     heartbeat_interval: float = 10.0
     reconnect_delay: float = 2.0
     reconnect_max_delay: float = 60.0
     ready_timeout: float = 600.0
+    max_restarts: int = 5  # llama-server crash restarts within restart_window before giving up
+    restart_window: float = 600.0
+    restart_delay: float = 1.0  # doubles per restart in the window, up to restart_max_delay
+    restart_max_delay: float = 30.0
     shutdown_grace: float = 30.0
     log_level: str = "info"
     extra_llama_args: list[str] = field(default_factory=list)
+    environ: dict[str, str] = field(default_factory=dict)  # HF_ENDPOINT, HF_TOKEN (.env included)
 
     @classmethod
     def from_sources(cls, flags: dict[str, str], env: dict[str, str]) -> WorkerConfig:
-        read = EnvReader({**env, **{k: v for k, v in flags.items() if v}})
+        merged = {**env, **{k: v for k, v in flags.items() if v}}
+        read = EnvReader(merged)
         gpu_key = read.raw("AUXOT_GPU_KEY")
         if gpu_key is None:
             raise ConfigError("GPU key is required: use --gpu-key or set AUXOT_GPU_KEY")
+        backend_url = read.text("AUXOT_BACKEND_URL", read.text("AUXOT_LLAMA_URL", ""))
         return cls(
             gpu_key=gpu_key,
-            router_url=normalise_router_url(read.str("AUXOT_ROUTER_URL", "ws://localhost:8080/ws")),
-            model_path=read.str("AUXOT_MODEL_FILE", ""),
-            llama_server_path=read.str("AUXOT_LLAMA_BINARY", ""),
-            gpu_layers=read.int("AUXOT_GPU_LAYERS", 9999, minimum=0),
-            threads=read.int("AUXOT_THREADS", 0, minimum=0),
-            max_parallel=read.int("AUXOT_MAX_PARALLEL", 0, minimum=0, maximum=512),
+            router_url=normalise_router_url(read.text("AUXOT_ROUTER_URL", "ws://localhost:8080/ws")),
+            model_path=read.text("AUXOT_MODEL_FILE", ""),
+            mmproj_path=read.text("AUXOT_MMPROJ_FILE", ""),
+            llama_server_path=read.text("AUXOT_LLAMA_BINARY", ""),
+            models_dir=read.text("AUXOT_MODELS_DIR", "~/.auxot/models"),
+            llama_cache_dir=read.text("AUXOT_LLAMA_CACHE_DIR", "~/.auxot/llama-server"),
+            llama_asset_url=read.text("AUXOT_LLAMA_ASSET_URL", DEFAULT_ASSET_BASE_URL).strip().rstrip("/"),
+            backend_url=normalise_backend_url(backend_url) if backend_url else "",
+            backend_api_key=read.text("AUXOT_BACKEND_API_KEY", ""),
+            gpu_layers=None if read.raw("AUXOT_GPU_LAYERS") is None else read.integer("AUXOT_GPU_LAYERS", 0, minimum=0),
+            threads=read.integer("AUXOT_THREADS", 0, minimum=0),
+            max_parallel=read.integer("AUXOT_MAX_PARALLEL", 0, minimum=0, maximum=512),
             heartbeat_interval=read.duration("AUXOT_HEARTBEAT_INTERVAL", 10.0, minimum=0.05),
             reconnect_delay=read.duration("AUXOT_RECONNECT_DELAY", 2.0, minimum=0.01),
             reconnect_max_delay=read.duration("AUXOT_RECONNECT_MAX_DELAY", 60.0, minimum=0.01),
             ready_timeout=read.duration("AUXOT_READY_TIMEOUT", 600.0, minimum=1.0),
+            max_restarts=read.integer("AUXOT_LLAMA_MAX_RESTARTS", 5, minimum=0),
+            restart_delay=read.duration("AUXOT_LLAMA_RESTART_DELAY", 1.0, minimum=0.01),
             shutdown_grace=read.duration("AUXOT_SHUTDOWN_GRACE", 30.0),
             log_level=read.choice("AUXOT_LOG_LEVEL", "info", ("debug", "info", "warn", "warning", "error")),
-            extra_llama_args=read.str("AUXOT_LLAMA_ARGS", "").split(),
+            extra_llama_args=read.text("AUXOT_LLAMA_ARGS", "").split(),
+            environ=merged,
         )
 
 
@@ -88,7 +136,10 @@ FLAG_TO_ENV = {
     "--gpu-key": "AUXOT_GPU_KEY",
     "--router-url": "AUXOT_ROUTER_URL",
     "--model-path": "AUXOT_MODEL_FILE",
+    "--mmproj-path": "AUXOT_MMPROJ_FILE",
     "--llama-server-path": "AUXOT_LLAMA_BINARY",
+    "--backend-url": "AUXOT_BACKEND_URL",
+    "--backend-api-key": "AUXOT_BACKEND_API_KEY",
 }
 
 
@@ -112,8 +163,20 @@ def normalise_router_url(url: str) -> str:
     return f"{scheme}://{host}/{path}" if slash and path else f"{scheme}://{host}/ws"
 
 
+def normalise_backend_url(url: str) -> str:
+    """The base URL of an OpenAI-compatible server, without a trailing ``/`` or ``/v1``
+    (the job runner appends ``/v1/chat/completions``); a bare ``host:port`` gets ``http://``."""
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    if not url.startswith(("http://", "https://")) or not url.partition("://")[2].strip("/"):
+        raise ConfigError(f"AUXOT_BACKEND_URL={url!r} must be an http:// or https:// URL")
+    url = url.rstrip("/")
+    return url.removesuffix("/v1").rstrip("/")
+
+
 class FatalError(Exception):
-    """An error no retry can fix (a rejected GPU key, a missing model file)."""
+    """An error no retry can fix (a rejected GPU key, a missing model file, too many crashes)."""
 
 
 # === llama-server supervision =====================================================================
@@ -125,12 +188,58 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class Backend(Protocol):
+    """What the job runner needs from an inference server: where it is and its key."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    @property
+    def api_key(self) -> str: ...
+
+    async def discover(self, session: aiohttp.ClientSession) -> proto.Capabilities: ...
+
+
+class LlamaStartError(RuntimeError):
+    """llama-server did not become ready. ``exited``: it died (out of memory shows up so)
+    rather than timing out; ``bad_arguments``: it refused its command line."""
+
+    def __init__(self, message: str, *, exited: bool, tail: list[str]) -> None:
+        super().__init__(message)
+        self.exited = exited
+        self.tail = tail
+
+    @property
+    def bad_arguments(self) -> bool:
+        return any("invalid argument" in line.lower() for line in self.tail)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a ``preexec_fn`` that makes the child get SIGKILL when the worker dies, even
+    by SIGKILL: an orphaned llama-server would hold the GPU memory the next worker needs."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    return preexec
+
+
 class LlamaServer:
     """One llama-server process bound to 127.0.0.1 with a random API key of its own.
 
     Parameters:
         binary: the llama-server executable.
         model: the GGUF file (the first shard of a split model).
+        mmproj: the vision projector (``--mmproj``), ``""`` for none.
         parallel: slots (``--parallel``).
         ctx_per_slot: context per slot; llama-server gets ``ctx_per_slot * parallel``.
         gpu_layers, threads: ``--n-gpu-layers`` (0 = CPU only) and ``--threads`` (0 = default).
@@ -146,12 +255,14 @@ class LlamaServer:
         *,
         parallel: int,
         ctx_per_slot: int,
+        mmproj: str = "",
         gpu_layers: int = 0,
         threads: int = 0,
         extra_args: list[str] | None = None,
     ) -> None:
         self.binary = binary
         self.model = model
+        self.mmproj = mmproj
         self.parallel = parallel
         self.ctx_per_slot = ctx_per_slot
         self.gpu_layers = gpu_layers
@@ -168,6 +279,8 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
+        """Reference §8.6 without ``--reasoning-budget 0`` (which turned thinking off): thinking
+        is extracted into ``reasoning_content`` and left to the model and the caller."""
         args = [
             self.binary,
             "--model", self.model,
@@ -177,9 +290,12 @@ class LlamaServer:
             "--ctx-size", str(self.ctx_per_slot * self.parallel),
             "--parallel", str(self.parallel),
             "--jinja",
+            "--reasoning-format", "deepseek",
             "--metrics",
             "--no-webui",
         ]  # fmt: skip
+        if self.mmproj:
+            args += ["--mmproj", self.mmproj]
         if self.gpu_layers > 0:
             args += ["--n-gpu-layers", str(self.gpu_layers)]
         if self.threads > 0:
@@ -187,7 +303,9 @@ class LlamaServer:
         return args + self.extra_args
 
     async def start(self, session: aiohttp.ClientSession, ready_timeout: float) -> None:
-        """Start and wait until healthy; retries a port another process took meanwhile."""
+        """Start and wait until healthy; retries a port another process took meanwhile.
+        Raises :class:`LlamaStartError` quoting llama-server's last lines."""
+        outcome = "exited"
         for _ in range(3):
             self.port = free_port()
             self.stderr_tail.clear()
@@ -197,36 +315,55 @@ class LlamaServer:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches the worker, which stops it
+                preexec_fn=_die_with_parent(),
             )
             self._stderr_task = asyncio.create_task(self._read_stderr(self.process))
-            log.info("llama-server started", extra={"pid": self.process.pid, "port": self.port, "parallel": self.parallel})
-            if await self._wait_ready(session, ready_timeout):
+            log.info(
+                "llama-server started",
+                extra={
+                    "pid": self.process.pid,
+                    "port": self.port,
+                    "parallel": self.parallel,
+                    "ctx_per_slot": self.ctx_per_slot,
+                },
+            )
+            outcome = await self._wait_ready(session, ready_timeout)
+            if outcome == "ready":
+                log.info("llama-server ready", extra={"pid": self.process.pid, "port": self.port})
                 return
             if not any("bind" in line.lower() for line in self.stderr_tail):
                 break
-        raise RuntimeError("llama-server did not become ready; its last lines:\n" + "\n".join(self.stderr_tail))
+        what = "exited before becoming ready" if outcome == "exited" else f"was not ready after {ready_timeout:g} s"
+        raise LlamaStartError(
+            f"llama-server {what} (parallel {self.parallel}, context {self.ctx_per_slot} per slot); its last lines:\n"
+            + "\n".join(self.stderr_tail),
+            exited=outcome == "exited",
+            tail=list(self.stderr_tail),
+        )
 
-    async def _wait_ready(self, session: aiohttp.ClientSession, timeout: float) -> bool:
+    async def _wait_ready(self, session: aiohttp.ClientSession, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         headers = {"Authorization": f"Bearer {self.api_key}"}
         while time.monotonic() < deadline:
             if self.process is None or self.process.returncode is not None:
                 await self._drain_stderr()
-                return False
+                return "exited"
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(f"{self.base_url}/health", headers=headers, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                async with session.get(
+                    f"{self.base_url}/health", headers=headers, timeout=aiohttp.ClientTimeout(total=2)
+                ) as resp:
                     if resp.status == 200:
-                        return True
+                        return "ready"
             await asyncio.sleep(0.1)
         await self.stop()
-        return False
+        return "timeout"
 
     async def _read_stderr(self, process: asyncio.subprocess.Process) -> None:
         assert process.stderr is not None
         async for raw in process.stderr:
             line = raw.decode(errors="replace").rstrip()
             self.stderr_tail.append(line)
-            if any(word in line.lower() for word in ("error", "fatal", "abort", "failed")):
+            if any(word in line.lower() for word in ("error", "fatal", "abort", "failed", "out of memory")):
                 log.warning("llama-server", extra={"line": line[:500]})
 
     async def _drain_stderr(self) -> None:
@@ -280,6 +417,250 @@ def format_parameters(n_params: Any) -> str:
     return f"{n_params // 1_000_000_000}B" if n_params >= 1_000_000_000 else f"{n_params // 1_000_000}M"
 
 
+async def _no_hook(*_args: Any) -> None:
+    return None
+
+
+class LlamaSupervisor:
+    """Keeps one :class:`LlamaServer` serving for the worker's life.
+
+    - :meth:`start`: out of memory at start (llama-server exits) is retried with one slot fewer
+      at a time down to 1, then with half the context per slot down to 2048 tokens;
+    - :meth:`watch`: a crash is reported (``on_down``: zero slots at the router), then
+      llama-server is restarted after 1 s, 2 s, 4 s ... (``config.restart_delay`` doubling, up
+      to ``restart_max_delay``); past ``max_restarts`` restarts within ``restart_window`` it
+      raises :class:`FatalError` so that a service manager restarts the whole worker;
+    - :meth:`reconfigure`: a new model or new settings (``policy_update``): zero slots, running
+      jobs get ``shutdown_grace`` to finish, then the restart; a failure goes back to the old.
+
+    After every (re)start ``on_up`` re-announces the slots. Starts, restarts and reconfigures
+    never overlap. The hooks are set by the worker.
+    """
+
+    def __init__(self, server: LlamaServer, session: aiohttp.ClientSession, config: WorkerConfig) -> None:
+        self.server = server
+        self.session = session
+        self.config = config
+        self.up = asyncio.Event()
+        self.on_down: Callable[[str], Awaitable[None]] = _no_hook
+        self.on_up: Callable[[], Awaitable[None]] = _no_hook
+        self.wait_idle: Callable[[float], Awaitable[None]] = _no_hook
+        self.restarts: deque[float] = deque()
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def backend(self) -> LlamaServer:
+        return self.server
+
+    async def start(self, parallel: int, ctx_per_slot: int) -> None:
+        async with self._lock:
+            await self._start_fitting(parallel, ctx_per_slot)
+
+    async def _start_fitting(self, parallel: int, ctx_per_slot: int) -> None:
+        steps = dial_down_steps(parallel, ctx_per_slot)
+        for i, (slots, ctx) in enumerate(steps):
+            self.server.parallel, self.server.ctx_per_slot = slots, ctx
+            try:
+                await self.server.start(self.session, self.config.ready_timeout)
+            except LlamaStartError as exc:
+                if not exc.exited or exc.bad_arguments or i + 1 == len(steps):
+                    raise
+                next_slots, next_ctx = steps[i + 1]
+                log.warning(
+                    "llama-server failed to start; retrying with less memory",
+                    extra={
+                        "parallel": slots,
+                        "ctx_per_slot": ctx,
+                        "next_parallel": next_slots,
+                        "next_ctx_per_slot": next_ctx,
+                        "last_lines": exc.tail[-5:],
+                    },
+                )
+                continue
+            if (slots, ctx) != (parallel, ctx_per_slot):
+                log.warning(
+                    "llama-server runs with reduced settings to fit in memory",
+                    extra={
+                        "parallel": slots,
+                        "ctx_per_slot": ctx,
+                        "asked_parallel": parallel,
+                        "asked_ctx_per_slot": ctx_per_slot,
+                    },
+                )
+            self.up.set()
+            return
+
+    async def watch(self) -> None:
+        """Restart llama-server whenever it exits unasked. Raises :class:`FatalError` past the limit."""
+        while not self._closed:
+            process = self.server.process
+            if process is None:
+                return
+            await process.wait()
+            async with self._lock:
+                if self._closed or self.server.process is not process:
+                    continue  # an intentional stop (reconfigure, shutdown)
+                await self._recover(process.returncode)
+
+    async def _recover(self, code: int | None) -> None:
+        log.error(
+            "llama-server exited unexpectedly",
+            extra={"exit_code": code, "last_lines": list(self.server.stderr_tail)[-20:]},
+        )
+        self.up.clear()
+        await self.on_down("llama-server crashed")
+        window = self.config.restart_window
+        while True:
+            now = time.monotonic()
+            while self.restarts and now - self.restarts[0] > window:
+                self.restarts.popleft()
+            if len(self.restarts) >= self.config.max_restarts:
+                raise FatalError(
+                    f"llama-server crashed {len(self.restarts) + 1} times within {window / 60:g} minutes "
+                    f"(AUXOT_LLAMA_MAX_RESTARTS={self.config.max_restarts}); exiting so that a service manager "
+                    "restarts the worker. Its last lines:\n" + "\n".join(list(self.server.stderr_tail)[-20:])
+                )
+            self.restarts.append(now)
+            delay = min(self.config.restart_max_delay, self.config.restart_delay * 2 ** (len(self.restarts) - 1))
+            log.warning("restarting llama-server", extra={"restart": len(self.restarts), "delay_s": delay})
+            await asyncio.sleep(delay)
+            try:
+                await self.server.start(self.session, self.config.ready_timeout)
+            except LlamaStartError as exc:
+                log.error("llama-server restart failed", extra={"error": str(exc)[-2000:]})
+                continue
+            break
+        log.info("llama-server recovered", extra={"restarts_in_window": len(self.restarts)})
+        self.up.set()
+        await self.on_up()
+
+    async def reconfigure(self, model: ModelFiles, parallel: int, ctx_per_slot: int) -> bool:
+        """Restart with another model or settings; False when they failed and the old ones run
+        again. Raises :class:`LlamaStartError` when even the old ones no longer start."""
+        async with self._lock:
+            self.up.clear()
+            await self.on_down("restarting llama-server for a new policy")
+            await self.wait_idle(self.config.shutdown_grace)
+            server = self.server
+            old = (server.model, server.mmproj, server.parallel, server.ctx_per_slot)
+            await server.stop()
+            server.model, server.mmproj = str(model.model), str(model.mmproj or "")
+            applied = True
+            try:
+                await self._start_fitting(parallel, ctx_per_slot)
+            except LlamaStartError as exc:
+                log.error(
+                    "llama-server failed with the new policy; going back to the previous one",
+                    extra={"error": str(exc)[-2000:]},
+                )
+                server.model, server.mmproj = old[0], old[1]
+                await self._start_fitting(old[2], old[3])
+                applied = False
+            await self.on_up()
+            return applied
+
+    async def close(self) -> None:
+        self._closed = True
+        await self.server.stop()
+
+
+class AttachedBackend:
+    """An OpenAI-compatible server that someone else runs (``--backend-url``): Ollama, vLLM,
+    a user-managed llama-server. Nothing is downloaded or spawned; the worker only watches that
+    it answers, reporting zero slots while it does not.
+
+    Slots: ``max_parallel`` (``AUXOT_MAX_PARALLEL``), else ``/props`` ``total_slots`` (a
+    llama-server), else the policy's. The model name comes from ``/v1/models``.
+    """
+
+    def __init__(
+        self, url: str, api_key: str, config: WorkerConfig, policy: proto.Policy, session: aiohttp.ClientSession
+    ) -> None:
+        self.base_url = url
+        self.api_key = api_key
+        self.config = config
+        self.policy = policy
+        self.session = session
+        self.up = asyncio.Event()
+        self.on_down: Callable[[str], Awaitable[None]] = _no_hook
+        self.on_up: Callable[[], Awaitable[None]] = _no_hook
+        self.wait_idle: Callable[[float], Awaitable[None]] = _no_hook
+
+    @property
+    def backend(self) -> AttachedBackend:
+        return self
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    async def _get(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        async with self.session.get(
+            self.base_url + path, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            body = await resp.read()
+            try:
+                return resp.status, orjson.loads(body) if resp.status == 200 else None
+            except orjson.JSONDecodeError:
+                return resp.status, None
+
+    async def healthy(self) -> bool:
+        try:
+            status, _ = await self._get("/v1/models")
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+        return status == 200
+
+    async def start(self) -> None:
+        """Wait until ``GET /v1/models`` answers 200 (``ready_timeout``)."""
+        deadline = time.monotonic() + self.config.ready_timeout
+        problem = ""
+        while time.monotonic() < deadline:
+            try:
+                status, _ = await self._get("/v1/models")
+                if status == 200:
+                    log.info("backend ready", extra={"url": self.base_url})
+                    self.up.set()
+                    return
+                problem = f"HTTP {status}" + (" (wrong --backend-api-key?)" if status in (401, 403) else "")
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                problem = str(exc) or type(exc).__name__
+            await asyncio.sleep(0.5)
+        raise FatalError(
+            f"the backend at {self.base_url} did not answer GET /v1/models "
+            f"within {self.config.ready_timeout:g} s: {problem}"
+        )
+
+    async def discover(self, session: aiohttp.ClientSession) -> proto.Capabilities:
+        _, models = await self._get("/v1/models")
+        status, props = await self._get("/props")
+        data = ((models or {}).get("data") or [{}])[0] if isinstance(models, dict) else {}
+        props = props if status == 200 and isinstance(props, dict) else {}
+        settings = props.get("default_generation_settings") or {}
+        return proto.Capabilities(
+            backend="llama.cpp" if settings else "openai-compatible",
+            model=model_display_name(str(data.get("id") or self.policy.model_name)),
+            ctx_size=int(settings.get("n_ctx") or self.policy.context_size),
+            parameters=format_parameters((data.get("meta") or {}).get("n_params")),
+            total_slots=self.config.max_parallel or int(props.get("total_slots") or 0) or self.policy.max_parallelism,
+        )
+
+    async def watch(self) -> None:
+        """Poll the backend every heartbeat interval; zero slots while it does not answer."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            healthy = await self.healthy()
+            if healthy and not self.up.is_set():
+                log.info("backend answers again", extra={"url": self.base_url})
+                self.up.set()
+                await self.on_up()
+            elif not healthy and self.up.is_set():
+                log.error("backend does not answer", extra={"url": self.base_url})
+                self.up.clear()
+                await self.on_down("backend unreachable")
+
+    async def close(self) -> None:
+        return None
 # === Job execution ================================================================================
 
 
@@ -289,7 +670,7 @@ ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 def llama_request_body(job: proto.Job) -> dict[str, Any]:
     """The body sent to llama-server: the caller's fields, always streamed, usage included."""
     body: dict[str, Any] = dict(job.params)
-    if job.kind == "chat":
+    if job.kind in ("chat", "tokenize"):
         body["messages"] = [normalise_message(m) for m in job.messages]
         if job.tools:
             body["tools"] = job.tools
@@ -449,6 +830,8 @@ class JobRunner:
             await self._send(message)
 
     async def _execute(self, job: proto.Job) -> JobResult:
+        if job.kind == "tokenize":
+            return await self._count_prompt_tokens(job)
         endpoint = ENDPOINTS.get(job.kind)
         if endpoint is None:
             raise LlamaHTTPError(400, f"unsupported job kind {job.kind!r}")
@@ -461,6 +844,32 @@ class JobRunner:
             result = JobResult()
             await self._relay_stream(job, resp, result)
             return result
+
+    async def _count_prompt_tokens(self, job: proto.Job) -> JobResult:
+        """The prompt size exactly as a chat request would have it: rendered with the model's
+        chat template (``/apply-template``), then tokenized the way the server tokenizes prompts
+        (special tokens added and parsed)."""
+        headers = {"Authorization": f"Bearer {self._llama.api_key}"}
+        body = llama_request_body(job)
+        for key in ("stream", "stream_options", "max_tokens"):
+            body.pop(key, None)
+        prompt = await self._post_json("/apply-template", body, headers)
+        tokens = await self._post_json(
+            "/tokenize", {"content": prompt.get("prompt", ""), "add_special": True, "parse_special": True}, headers
+        )
+        result = JobResult()
+        result.usage = {"prompt_tokens": len(tokens.get("tokens") or [])}
+        result.finish_reason = "stop"
+        return result
+
+    async def _post_json(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+        async with self._session.post(self._llama.base_url + path, data=orjson.dumps(body), headers=headers) as resp:
+            raw = await resp.read()
+            if resp.status != 200:
+                message = llama_error_message(resp.status, raw)
+                raise LlamaHTTPError(caller_status(resp.status, message), message)
+            data = orjson.loads(raw)
+            return data if isinstance(data, dict) else {}
 
     async def _relay_stream(self, job: proto.Job, resp: aiohttp.ClientResponse, result: JobResult) -> None:
         """Parse SSE; everything that arrived in one read goes to the router in as few frames."""
@@ -556,6 +965,10 @@ class RouterLink:
     Parameters:
         config: the worker's configuration.
         session: for the WebSocket (the llama-server session is separate).
+
+    ``caps`` is what the worker serves now (sent in the hello and in every ``config``);
+    ``backend_up`` is clear while llama-server is down, when the router is told zero slots and
+    no new connection is made; ``on_policy_update`` receives the router's ``policy_update``.
     """
 
     def __init__(self, config: WorkerConfig, session: aiohttp.ClientSession) -> None:
@@ -564,24 +977,34 @@ class RouterLink:
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.draining = False
         self.gpu_id = ""
+        self.caps = proto.Capabilities()
+        self.backend_up = asyncio.Event()
+        self.on_policy_update: Callable[[proto.Policy], None] = lambda _policy: None
+        self.runner: JobRunner | None = None
 
-    async def fetch_policy(self) -> proto.Policy:
-        """Phase 1: a policy-only hello (never given jobs), retried with backoff."""
+    async def fetch_policy(self, caps: proto.Capabilities) -> proto.Policy:
+        """Phase 1: a policy-only hello (never given jobs) carrying the GPU report, retried with backoff."""
         delay = self.config.reconnect_delay
         while True:
             try:
-                ws, ack = await self._connect(proto.Capabilities(), policy_only=True)
+                ws, ack = await self._connect(caps, policy_only=True)
                 await ws.close()
                 if ack.policy is None:
                     raise FatalError("the router sent no policy")
-                log.info("policy received", extra={"model": ack.policy.model_name, "parallel": ack.policy.max_parallelism})
-                return ack.policy
+                policy = ack.policy
+                log.info("policy received", extra=policy_fields(policy))
+                return policy
             except (aiohttp.ClientError, TimeoutError, ConnectionError, proto.ProtocolError) as exc:
-                log.warning("cannot reach the router", extra={"url": self.config.router_url, "error": str(exc), "retry_in_s": round(delay, 2)})
+                log.warning(
+                    "cannot reach the router",
+                    extra={"url": self.config.router_url, "error": str(exc), "retry_in_s": round(delay, 2)},
+                )
                 await asyncio.sleep(delay)
                 delay = next_delay(delay, self.config.reconnect_max_delay)
 
-    async def _connect(self, caps: proto.Capabilities, *, policy_only: bool) -> tuple[aiohttp.ClientWebSocketResponse, proto.HelloAck]:
+    async def _connect(
+        self, caps: proto.Capabilities, *, policy_only: bool
+    ) -> tuple[aiohttp.ClientWebSocketResponse, proto.HelloAck]:
         ws = await self.session.ws_connect(
             self.config.router_url,
             heartbeat=self.config.heartbeat_interval,
@@ -605,12 +1028,18 @@ class RouterLink:
         self.gpu_id = ack.gpu_id
         return ws, ack
 
-    async def serve(self, runner_factory: Any, caps: proto.Capabilities, stop: asyncio.Event) -> None:
-        """Phase 2: hold the permanent connection, reconnecting with jittered backoff."""
+    async def serve(
+        self, runner_factory: Callable[[Callable[[proto.Message], Awaitable[None]]], JobRunner], stop: asyncio.Event
+    ) -> None:
+        """Phase 2: hold the permanent connection, reconnecting with jittered backoff; no
+        connection is made while the backend is down."""
         delay = self.config.reconnect_delay
         while not stop.is_set():
+            if not self.backend_up.is_set():
+                await first_of(self.backend_up.wait(), stop.wait())
+                continue
             try:
-                ws, _ = await self._connect(caps, policy_only=False)
+                ws, _ = await self._connect(self.caps, policy_only=False)
             except (aiohttp.ClientError, TimeoutError, ConnectionError, proto.ProtocolError) as exc:
                 log.warning("cannot reach the router", extra={"error": str(exc), "retry_in_s": round(delay, 2)})
                 with contextlib.suppress(TimeoutError):
@@ -618,14 +1047,18 @@ class RouterLink:
                 delay = next_delay(delay, self.config.reconnect_max_delay)
                 continue
             delay = self.config.reconnect_delay
-            log.info("worker ready", extra={"gpu_id": self.gpu_id, "model": caps.model, "slots": caps.total_slots})
-            await self._session_loop(ws, runner_factory(self.send), caps, stop)
+            log.info(
+                "worker ready", extra={"gpu_id": self.gpu_id, "model": self.caps.model, "slots": self.caps.total_slots}
+            )
+            await self._session_loop(ws, runner_factory(self.send), stop)
 
-    async def _session_loop(self, ws: aiohttp.ClientWebSocketResponse, runner: JobRunner, caps: proto.Capabilities, stop: asyncio.Event) -> None:
+    async def _session_loop(self, ws: aiohttp.ClientWebSocketResponse, runner: JobRunner, stop: asyncio.Event) -> None:
         self.ws = ws
-        await self.send(proto.Config(capabilities=caps))
+        self.runner = runner
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.send(proto.Config(capabilities=self._current_caps()))
         heartbeats = asyncio.create_task(self._heartbeats())
-        stopper = asyncio.create_task(self._drain_on(stop, runner, caps))
+        stopper = asyncio.create_task(self._drain_on(stop, runner))
         try:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -636,7 +1069,31 @@ class RouterLink:
             stopper.cancel()
             runner.cancel_all()  # the router re-runs or fails them; results could not be delivered now
             self.ws = None
+            self.runner = None
             log.warning("disconnected from the router", extra={"close_code": ws.close_code})
+
+    def _current_caps(self) -> proto.Capabilities:
+        """``caps``, or zero slots (``draining``) while the backend is down."""
+        if self.backend_up.is_set():
+            return self.caps
+        return dataclasses.replace(self.caps, total_slots=0, draining=True)
+
+    async def announce(self, caps: proto.Capabilities) -> None:
+        """The backend serves (again), maybe with other slots or context: tell the router."""
+        self.caps = caps
+        self.backend_up.set()
+        log.info("announcing slots", extra={"model": caps.model, "slots": caps.total_slots, "ctx_size": caps.ctx_size})
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.send(proto.Config(capabilities=caps))
+
+    async def announce_down(self) -> None:
+        """The backend is down: zero slots at the router until :meth:`announce`."""
+        self.backend_up.clear()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.send(proto.Config(capabilities=self._current_caps()))
+
+    def active_jobs(self) -> int:
+        return len(self.runner.tasks) if self.runner is not None else 0
 
     def _on_message(self, data: str, runner: JobRunner) -> None:
         try:
@@ -648,6 +1105,8 @@ class RouterLink:
             runner.start(message)
         elif isinstance(message, proto.Cancel):
             runner.cancel(message.job_id)
+        elif isinstance(message, proto.PolicyUpdate):
+            self.on_policy_update(message.policy)
         elif isinstance(message, proto.ConfigAck) and not message.success:
             log.error("the router refused this worker's configuration", extra={"error": message.error})
         elif not isinstance(message, proto.HeartbeatAck | proto.ConfigAck):
@@ -659,11 +1118,11 @@ class RouterLink:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await self.send(proto.Heartbeat())
 
-    async def _drain_on(self, stop: asyncio.Event, runner: JobRunner, caps: proto.Capabilities) -> None:
+    async def _drain_on(self, stop: asyncio.Event, runner: JobRunner) -> None:
         """On shutdown: take no new jobs, give running ones the grace period, then close."""
         await stop.wait()
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.send(proto.Config(capabilities=dataclasses.replace(caps, draining=True)))
+            await self.send(proto.Config(capabilities=dataclasses.replace(self.caps, draining=True)))
         deadline = time.monotonic() + self.config.shutdown_grace
         while runner.tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -677,24 +1136,312 @@ class RouterLink:
         await ws.send_frame(proto.encode(message), aiohttp.WSMsgType.TEXT)
 
 
+def policy_fields(policy: proto.Policy) -> dict[str, Any]:
+    """A policy's log fields."""
+    return {
+        "model": policy.model_name,
+        "quantization": policy.quantization,
+        "repo": policy.huggingface_id,
+        "files": policy.files,
+        "ctx_per_slot": policy.context_size,
+        "parallel": policy.max_parallelism,
+    }
+
+
 def next_delay(delay: float, cap: float) -> float:
     """Doubling backoff with ±25% jitter, so many workers reconnecting at once spread out."""
     return min(cap, delay * 2 * random.uniform(0.75, 1.25))
 
 
-# === Command line =================================================================================
+async def first_of(*aws: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of ``aws`` finishes; the others are cancelled."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
-USAGE = """usage: python auxot_worker.py --gpu-key adm_... [options]
+# === Lifecycle and command line ===================================================================
+
+
+Supervisor = LlamaSupervisor | AttachedBackend
+
+
+class Worker:
+    """One worker's life: GPU report, policy, provisioning, serving, updates, shutdown.
+
+    Parameters:
+        config: the worker's configuration.
+        ws_session: the router's WebSocket session.
+        llama_session: for llama-server (a fresh connection per request).
+        stop: set by SIGTERM/SIGINT.
+    """
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        ws_session: aiohttp.ClientSession,
+        llama_session: aiohttp.ClientSession,
+        stop: asyncio.Event,
+    ) -> None:
+        self.config = config
+        self.llama_session = llama_session
+        self.stop = stop
+        self.link = RouterLink(config, ws_session)
+        self.link.on_policy_update = self._policy_update_received
+        self.gpu = GpuInfo("cpu")
+        self.policy = proto.Policy(model_name="")
+        self.model: ModelFiles | None = None
+        self.requested = (0, 0)  # (parallel, context per slot) asked of llama-server
+        self.supervisor: Supervisor | None = None
+        self._failure: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        self._updates: set[asyncio.Task[None]] = set()
+        self._update_lock = asyncio.Lock()
+
+    async def run(self) -> int:
+        """0 after a shutdown signal; raises :class:`FatalError` (or a provisioning error)."""
+        try:
+            return await self._run()
+        finally:
+            for task in list(self._updates):
+                task.cancel()
+            if self.supervisor is not None:
+                await self.supervisor.close()
+
+    async def _run(self) -> int:
+        log.info("auxot-worker starting", extra={"version": VERSION, "router": self.config.router_url})
+        self.gpu = await detect_gpus()
+        if self.gpu.warning:
+            log.warning(self.gpu.warning)
+        hardware = proto.Capabilities(gpus=self.gpu.to_dicts(), vram_gb=self.gpu.vram_gb)
+        policy = await self._unless_stopped(self.link.fetch_policy(hardware))
+        if policy is None:
+            return 0
+        self.policy = policy
+        supervisor = await self._unless_stopped(self._provide(policy))
+        if supervisor is None:
+            return 0
+        supervisor.on_down = self._on_down
+        supervisor.on_up = self._on_up
+        supervisor.wait_idle = self._wait_idle
+        await self._on_up()
+        backend: Any = supervisor.backend  # JobRunner is typed for LlamaServer; any Backend works
+        serve = asyncio.create_task(
+            self.link.serve(lambda send: JobRunner(self.llama_session, backend, send), self.stop)
+        )
+        watch = asyncio.create_task(supervisor.watch())
+        stopped = asyncio.create_task(self.stop.wait())
+        waiting: list[asyncio.Future[Any]] = [serve, watch, stopped, self._failure]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        failure = self._failure.result() if self._failure.done() else None
+        if failure is None and watch.done() and not watch.cancelled():
+            failure = watch.exception()
+        self.stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(serve), self.config.shutdown_grace + 10)
+        except TimeoutError:
+            serve.cancel()
+        finally:
+            watch.cancel()
+            stopped.cancel()
+        if failure is not None:
+            raise failure
+        error = serve.exception() if serve.done() and not serve.cancelled() else None
+        if error is not None:
+            raise error
+        log.info("shutting down")
+        return 0
+
+    async def _unless_stopped(self, aw: Coroutine[Any, Any, _T]) -> _T | None:
+        """``aw``'s result, or None when a shutdown signal comes first (``aw`` is cancelled:
+        a download keeps its ``.partial`` file and resumes at the next start)."""
+        task = asyncio.ensure_future(aw)
+        stopped = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("shutting down before serving")
+        return None
+
+    async def _provide(self, policy: proto.Policy) -> Supervisor:
+        """The backend for ``policy``: attached, or llama-server with its binary and model."""
+        config = self.config
+        parallel = config.max_parallel or policy.max_parallelism
+        if config.backend_url:
+            attached = AttachedBackend(config.backend_url, config.backend_api_key, config, policy, self.llama_session)
+            self.supervisor = attached
+            log.info("using an existing backend", extra={"url": config.backend_url})
+            await attached.start()
+            return attached
+        async with aiohttp.ClientSession() as downloads:
+            binary = await provide_binary(
+                downloads,
+                explicit_path=config.llama_server_path,
+                cache_dir=Path(config.llama_cache_dir).expanduser(),
+                gpu=self.gpu,
+                asset_base_url=config.llama_asset_url,
+            )
+            self.model = await self._provide_model(downloads, policy)
+        gpu_layers = config.gpu_layers if config.gpu_layers is not None else gpu_layers_for(self.gpu)
+        server = LlamaServer(
+            str(binary),
+            str(self.model.model),
+            mmproj=str(self.model.mmproj or ""),
+            parallel=parallel,
+            ctx_per_slot=policy.context_size,
+            gpu_layers=gpu_layers,
+            threads=config.threads,
+            extra_args=config.extra_llama_args,
+        )
+        supervisor = LlamaSupervisor(server, self.llama_session, config)
+        self.supervisor = supervisor
+        self.requested = (parallel, policy.context_size)
+        await supervisor.start(parallel, policy.context_size)
+        return supervisor
+
+    async def _provide_model(self, session: aiohttp.ClientSession, policy: proto.Policy) -> ModelFiles:
+        return await provide_model(
+            session,
+            policy,
+            model_path=self.config.model_path,
+            mmproj_path=self.config.mmproj_path,
+            models_dir=Path(self.config.models_dir).expanduser(),
+            environ=self.config.environ,
+        )
+
+    async def _discover(self) -> proto.Capabilities:
+        """What the backend serves now, with this machine's GPU report."""
+        assert self.supervisor is not None
+        backend = self.supervisor.backend
+        try:
+            caps = await backend.discover(self.llama_session)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("backend discovery failed; announcing the settings asked for", extra={"error": str(exc)})
+            caps = dataclasses.replace(self.link.caps, total_slots=self.requested[0] or 1, ctx_size=self.requested[1])
+        caps.model_capabilities = list(self.policy.capabilities)
+        caps.gpus = self.gpu.to_dicts()
+        caps.vram_gb = self.gpu.vram_gb
+        return caps
+
+    async def _on_down(self, reason: str) -> None:
+        log.warning("reporting zero slots to the router", extra={"reason": reason})
+        await self.link.announce_down()
+
+    async def _on_up(self) -> None:
+        caps = await self._discover()
+        log.info(
+            "capabilities",
+            extra={"model": caps.model, "ctx_size": caps.ctx_size, "slots": caps.total_slots, "backend": caps.backend},
+        )
+        await self.link.announce(caps)
+
+    async def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.link.active_jobs() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def _policy_update_received(self, policy: proto.Policy) -> None:
+        task = asyncio.create_task(self.apply_policy(policy))
+        self._updates.add(task)
+        task.add_done_callback(self._update_done)
+
+    def _update_done(self, task: asyncio.Task[None]) -> None:
+        self._updates.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.error("policy update failed", extra={"error": str(error)})
+        if not self._failure.done() and error is not None:
+            self._failure.set_result(error)
+
+    async def apply_policy(self, policy: proto.Policy) -> None:
+        """A ``policy_update``: another model is downloaded while the old one serves, then
+        llama-server restarts with it; other context or slots only restart it; the same
+        policy does nothing. A failed download keeps the old model serving."""
+        async with self._update_lock:
+            change = policy_change(self.policy, policy)
+            log.info("policy update", extra={"change": change or "none", **policy_fields(policy)})
+            supervisor = self.supervisor
+            if change is None or supervisor is None:
+                self.policy = policy
+                return
+            if not isinstance(supervisor, LlamaSupervisor):
+                log.warning("policy update not applied: the backend is managed elsewhere (--backend-url)")
+                self.policy = policy
+                return
+            model = self.model
+            if change == "model":
+                if self.config.model_path:
+                    log.warning(
+                        "the router asks for another model, but --model-path pins this one; "
+                        "applying context and slots only"
+                    )
+                else:
+                    try:
+                        async with aiohttp.ClientSession() as downloads:
+                            model = await self._provide_model(downloads, policy)
+                    except (DownloadError, ProvisionError) as exc:
+                        log.error("cannot download the new model; still serving the old one", extra={"error": str(exc)})
+                        return
+            assert model is not None
+            requested = (self.config.max_parallel or policy.max_parallelism, policy.context_size)
+            old_policy, self.policy = self.policy, policy
+            if model == self.model and requested == self.requested:
+                return
+            if await supervisor.reconfigure(model, *requested):
+                self.model, self.requested = model, requested
+            else:
+                self.policy = old_policy
+                await self._on_up()  # the capabilities of the old policy again
+
+
+USAGE = """usage: python auxot_worker.py --gpu-key adm_... [--router-url ws://HOST:8080/ws] [options]
+
+The worker provisions itself: it reports its GPUs, asks the router what to serve, downloads the
+llama-server build for this GPU and the model (both cached, downloads resume), starts llama-server
+and serves jobs. A crashed llama-server is restarted; an update of the router's policy is applied.
 
 options (environment variable in brackets):
   --gpu-key KEY              GPU key from `auxot_router.py setup` [AUXOT_GPU_KEY]
-  --router-url URL           ws://HOST:8080/ws [AUXOT_ROUTER_URL]
-  --model-path FILE          serve this GGUF instead of downloading [AUXOT_MODEL_FILE]
-  --llama-server-path FILE   use this llama-server [AUXOT_LLAMA_BINARY]
-other settings: AUXOT_GPU_LAYERS (9999), AUXOT_THREADS (0 = auto), AUXOT_MAX_PARALLEL (the policy's),
-AUXOT_HEARTBEAT_INTERVAL (10s), AUXOT_RECONNECT_DELAY (2s), AUXOT_RECONNECT_MAX_DELAY (60s),
-AUXOT_SHUTDOWN_GRACE (30s), AUXOT_LLAMA_ARGS (extra llama-server flags), AUXOT_LOG_LEVEL (info)
+  --router-url URL           ws://HOST:8080/ws (http://, https:// and a bare host work too) [AUXOT_ROUTER_URL]
+  --model-path FILE          serve this GGUF (the first shard of a split model) instead of
+                             downloading the router's model [AUXOT_MODEL_FILE]
+  --mmproj-path FILE         the vision projector for --model-path [AUXOT_MMPROJ_FILE]
+  --llama-server-path FILE   use this llama-server instead of the release build [AUXOT_LLAMA_BINARY]
+  --backend-url URL          serve with an OpenAI-compatible server that already runs (Ollama, vLLM,
+                             your own llama-server): no download, no llama-server of ours
+                             [AUXOT_BACKEND_URL, or AUXOT_LLAMA_URL]
+  --backend-api-key KEY      that server's API key, if it wants one [AUXOT_BACKEND_API_KEY]
+  help, --help, -h           this text
+  version                    the version
+
+downloads:
+  AUXOT_MODELS_DIR           model cache, files land in <dir>/<org>_<repo>/ (~/.auxot/models)
+  AUXOT_LLAMA_CACHE_DIR      llama-server builds (~/.auxot/llama-server)
+  AUXOT_LLAMA_ASSET_URL      a mirror of the llama.cpp releases laid out as <url>/<tag>/<asset>
+                             (https://github.com/ggml-org/llama.cpp/releases/download)
+  HF_ENDPOINT, HF_TOKEN      a Hugging Face mirror, and the token for gated models
+                             (also HUGGING_FACE_HUB_TOKEN or the file `huggingface-cli login` writes)
+llama-server:
+  AUXOT_GPU_LAYERS           --n-gpu-layers (every layer with a GPU, 0 without)
+  AUXOT_THREADS              --threads (0 = llama-server's default)
+  AUXOT_MAX_PARALLEL         slots (the policy's); fewer if memory is short, then less context per slot
+  AUXOT_LLAMA_ARGS           extra llama-server flags, space-separated
+  AUXOT_READY_TIMEOUT        how long llama-server may take to load the model (10m)
+  AUXOT_LLAMA_MAX_RESTARTS   crash restarts allowed within 10 minutes before the worker exits 1 (5)
+  AUXOT_LLAMA_RESTART_DELAY  first restart delay, doubling up to 30s (1s)
+router connection:
+  AUXOT_HEARTBEAT_INTERVAL (10s), AUXOT_RECONNECT_DELAY (2s), AUXOT_RECONNECT_MAX_DELAY (60s),
+  AUXOT_SHUTDOWN_GRACE (30s: running jobs may finish after SIGTERM), AUXOT_LOG_LEVEL (info)
+A .env file in the working directory is read too; flags win over the environment, which wins over .env.
 """
 
 
@@ -728,37 +1475,7 @@ async def run(config: WorkerConfig) -> int:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         ) as llama_session,
     ):
-        link = RouterLink(config, ws_session)
-        policy = await link.fetch_policy()
-        llama = await prepare_llama(config, policy, llama_session)
-        try:
-            caps = await llama.discover(llama_session)
-            caps.model_capabilities = list(policy.capabilities)
-            await link.serve(lambda send: JobRunner(llama_session, llama, send), caps, stop)
-        finally:
-            await llama.stop()
-    return 0
-
-
-async def prepare_llama(config: WorkerConfig, policy: proto.Policy, session: aiohttp.ClientSession) -> LlamaServer:
-    if not config.model_path:
-        raise FatalError("no model: pass --model-path (air-gapped mode); downloads need the policy's repository")
-    if not Path(config.model_path).is_file():
-        raise FatalError(f"model file not found: {config.model_path}")
-    if not config.llama_server_path:
-        raise FatalError("no llama-server: pass --llama-server-path")
-    parallel = config.max_parallel or policy.max_parallelism
-    llama = LlamaServer(
-        config.llama_server_path,
-        config.model_path,
-        parallel=parallel,
-        ctx_per_slot=policy.context_size,
-        gpu_layers=config.gpu_layers,
-        threads=config.threads,
-        extra_args=config.extra_llama_args,
-    )
-    await llama.start(session, config.ready_timeout)
-    return llama
+        return await Worker(config, ws_session, llama_session, stop).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -777,11 +1494,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level)
     try:
         return asyncio.run(run(config))
-    except FatalError as exc:
-        log.error("fatal", extra={"error": str(exc)})
-        print(f"auxot-worker: {exc}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:
+    except (FatalError, RuntimeError) as exc:  # provisioning errors (downloads, binary, llama-server) included
         log.error("fatal", extra={"error": str(exc)})
         print(f"auxot-worker: {exc}", file=sys.stderr)
         return 1

@@ -222,7 +222,9 @@ class OpenAIChatStream:
     """
 
     def __init__(self, completion_id: str, model: str, created: int, include_usage: bool) -> None:
-        head = orjson.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model})
+        head = orjson.dumps(
+            {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        )
         self._head = b"data: " + head[:-1]
         self._prefix = self._head + b',"choices":[{"index":0,"delta":'
         self._include_usage = include_usage
@@ -326,7 +328,12 @@ def completion_body(msg: Complete, *, completion_id: str, model: str, created: i
         "created": created,
         "model": model,
         "choices": [
-            {"index": 0, "text": msg.full_response, "logprobs": msg.logprobs, "finish_reason": msg.finish_reason or "stop"}
+            {
+                "index": 0,
+                "text": msg.full_response,
+                "logprobs": msg.logprobs,
+                "finish_reason": msg.finish_reason or "stop",
+            }
         ],
         "usage": usage_object(msg),
     }

@@ -57,7 +57,8 @@ class Capabilities:
 
     @classmethod
     def from_dict(cls, data: Any) -> Capabilities:
-        return _from_dict(cls, data if isinstance(data, dict) else {})
+        caps: Capabilities = _from_dict(cls, data if isinstance(data, dict) else {})
+        return caps
 
 
 @dataclass(slots=True)
@@ -91,7 +92,8 @@ class Policy:
     def from_dict(cls, data: Any) -> Policy:
         if not isinstance(data, dict) or not isinstance(data.get("model_name"), str):
             raise ProtocolError("policy needs a model_name")
-        return _from_dict(cls, data)
+        policy: Policy = _from_dict(cls, data)
+        return policy
 
 
 # --- worker -> router -------------------------------------------------------------------------
@@ -320,9 +322,7 @@ def encode(message: Message) -> bytes:
     """Serialise a message to the JSON bytes of one text frame."""
     if type(message) is Token:  # the hot path: one per batch of streamed text
         if message.reasoning:
-            return orjson.dumps(
-                {"type": "token", "job_id": message.job_id, "token": message.token, "reasoning": True}
-            )
+            return orjson.dumps({"type": "token", "job_id": message.job_id, "token": message.token, "reasoning": True})
         return orjson.dumps({"type": "token", "job_id": message.job_id, "token": message.token})
     body = _fields_to_dict(message)
     return orjson.dumps({"type": message.type, **body})

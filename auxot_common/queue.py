@@ -123,9 +123,7 @@ class StreamQueue:
         return entries
 
     async def _xreadgroup(self, count: int, block_ms: int | None) -> list[JobEntry]:
-        reply = await self.redis.xreadgroup(
-            GROUP, self.instance_id, {self.jobs_key: ">"}, count=count, block=block_ms
-        )
+        reply: Any = await self.redis.xreadgroup(GROUP, self.instance_id, {self.jobs_key: ">"}, count=count, block=block_ms)
         return [_job_entry(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
 
     async def ack(self, entry_ids: list[str]) -> None:
@@ -167,7 +165,7 @@ class StreamQueue:
         key = self.inbox_key(self.instance_id)
         self._inbox_added.clear()
         block = int(timeout * 1000) if self._server_blocking else None
-        reply = await self.redis.xread({key: self._inbox_last_id}, count=1000, block=block)
+        reply: Any = await self.redis.xread({key: self._inbox_last_id}, count=1000, block=block)
         if not reply and not self._server_blocking:
             try:
                 await asyncio.wait_for(self._inbox_added.wait(), timeout)
@@ -226,13 +224,13 @@ class StreamQueue:
     async def _claim_all(self, consumer: str, min_idle_ms: int) -> list[JobEntry]:
         claimed: list[JobEntry] = []
         while True:
-            pending = await self.redis.xpending_range(
+            pending: Any = await self.redis.xpending_range(
                 self.jobs_key, GROUP, min="-", max="+", count=100, consumername=consumer, idle=min_idle_ms
             )
             if not pending:
                 break
             ids = [p["message_id"] for p in pending]
-            entries = await self.redis.xclaim(self.jobs_key, GROUP, self.instance_id, min_idle_ms, ids)
+            entries: Any = await self.redis.xclaim(self.jobs_key, GROUP, self.instance_id, min_idle_ms, ids)
             claimed.extend(_job_entry(entry_id, fields) for entry_id, fields in entries if fields)
             if len(pending) < 100:
                 break
@@ -242,7 +240,9 @@ class StreamQueue:
         if not remaining:
             await self.redis.xgroup_delconsumer(self.jobs_key, GROUP, consumer)
         if claimed:
-            log.warning("reclaimed jobs from a dead router instance", extra={"instance": consumer, "jobs": len(claimed)})
+            log.warning(
+                "reclaimed jobs from a dead router instance", extra={"instance": consumer, "jobs": len(claimed)}
+            )
         return claimed
 
 

@@ -82,10 +82,10 @@ class EnvReader:
         value = self._env.get(name)
         return value if value not in (None, "") else None
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         return self.raw(name) or default
 
-    def int(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    def integer(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
         raw = self.raw(name)
         if raw is None:
             return default

@@ -51,7 +51,15 @@ class Cluster:
             router.start()
         return router
 
-    def worker(self, router: RouterProcess, name: str = "worker", *, llama: Path | None = None, wait: bool = True, **settings: str) -> WorkerProcess:
+    def worker(
+        self,
+        router: RouterProcess,
+        name: str = "worker",
+        *,
+        llama: Path | None = None,
+        wait: bool = True,
+        **settings: str,
+    ) -> WorkerProcess:
         worker = WorkerProcess(router, self.log_dir, model=self.model, llama=llama or self.llama, name=name, **settings)
         self.processes.append(worker)
         before = router.health().get("workers", 0)
@@ -66,7 +74,9 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(keys: Keys, tmp_path: Path, tiny_model: Path, llama_binary: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+def cluster(
+    keys: Keys, tmp_path: Path, tiny_model: Path, llama_binary: Path, request: pytest.FixtureRequest
+) -> Iterator[Cluster]:
     """Real processes with the real llama-server and the tiny model."""
     c = Cluster(keys, tmp_path, tiny_model, llama_binary)
     yield c

@@ -60,7 +60,13 @@ def test_chat_matches_llama_server_itself(cluster: Cluster) -> None:
 def test_streaming_is_openai_shaped(cluster: Cluster) -> None:
     router = cluster.router()
     cluster.worker(router)
-    body = {"messages": PROMPT, "max_tokens": 9, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "messages": PROMPT,
+        "max_tokens": 9,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     resp = http.post(f"{router.url}/api/openai/chat/completions", body, headers=router.headers())
     assert resp.status == 200
     assert resp.headers["content-type"].startswith("text/event-stream")
@@ -79,7 +85,10 @@ def test_streaming_is_openai_shaped(cluster: Cluster) -> None:
 
     # Without include_usage there is no usage chunk at all.
     body.pop("stream_options")
-    chunks = [orjson.loads(e) for e in sse_events(http.post(f"{router.url}/v1/chat/completions", body, headers=router.headers()).body)[:-1]]
+    chunks = [
+        orjson.loads(e)
+        for e in sse_events(http.post(f"{router.url}/v1/chat/completions", body, headers=router.headers()).body)[:-1]
+    ]
     assert all(c["choices"] for c in chunks)
 
 
@@ -119,11 +128,18 @@ def test_request_fields_reach_llama_server(cluster: Cluster) -> None:
     assert stopped.choices[0].finish_reason == "stop"
     assert stop_at not in (stopped.choices[0].message.content or "")
     seeded = [
-        sdk.chat.completions.create(model="m", messages=PROMPT, max_tokens=15, temperature=1.0, top_p=0.9, seed=42).choices[0].message.content
+        sdk.chat.completions.create(model="m", messages=PROMPT, max_tokens=15, temperature=1.0, top_p=0.9, seed=42)
+        .choices[0]
+        .message.content
         for _ in range(2)
     ]
     assert seeded[0] == seeded[1]
-    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
     structured = sdk.chat.completions.create(
         model="m",
         messages=PROMPT,
@@ -143,10 +159,18 @@ def test_image_content_parts_are_accepted(cluster: Cluster) -> None:
     router = cluster.router()
     cluster.worker(router)
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]
-    ok = http.post(f"{router.url}/v1/chat/completions", {"messages": [{"role": "user", "content": parts}], "max_tokens": 3}, headers=router.headers())
+    ok = http.post(
+        f"{router.url}/v1/chat/completions",
+        {"messages": [{"role": "user", "content": parts}], "max_tokens": 3},
+        headers=router.headers(),
+    )
     assert ok.status == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
-    refused = http.post(f"{router.url}/v1/chat/completions", {"messages": [{"role": "user", "content": [*parts, image]}], "max_tokens": 3}, headers=router.headers())
+    refused = http.post(
+        f"{router.url}/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [*parts, image]}], "max_tokens": 3},
+        headers=router.headers(),
+    )
     assert refused.status == 400
     assert refused.json()["error"]["type"] == "invalid_request_error"
 
@@ -158,7 +182,11 @@ def test_prompt_longer_than_context_is_a_400(cluster: Cluster) -> None:
     resp = http.post(f"{router.url}/v1/chat/completions", {"messages": long, "max_tokens": 5}, headers=router.headers())
     assert resp.status == 400
     assert "context" in resp.json()["error"]["message"]
-    streamed = http.post(f"{router.url}/v1/chat/completions", {"messages": long, "max_tokens": 5, "stream": True}, headers=router.headers())
+    streamed = http.post(
+        f"{router.url}/v1/chat/completions",
+        {"messages": long, "max_tokens": 5, "stream": True},
+        headers=router.headers(),
+    )
     assert streamed.status == 400
     ok = http.post(f"{router.url}/v1/chat/completions", {"messages": PROMPT, "max_tokens": 3}, headers=router.headers())
     assert ok.status == 200
@@ -229,7 +257,12 @@ def test_health_reports_workers_and_slots(fake_cluster: Cluster) -> None:
 
 def test_wrong_api_key_is_401(fake_cluster: Cluster) -> None:
     router = fake_cluster.router()
-    for headers in ({}, {"Authorization": "Bearer rtr_wrong"}, {"Authorization": f"Bearer {router.keys.gpu_key}"}, {"Authorization": "Bearer " + "x" * 10_000}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer rtr_wrong"},
+        {"Authorization": f"Bearer {router.keys.gpu_key}"},
+        {"Authorization": "Bearer " + "x" * 10_000},
+    ):
         resp = http.post(f"{router.url}/v1/chat/completions", {"messages": PROMPT}, headers=headers)
         assert resp.status == 401
         error = resp.json()["error"]
@@ -300,7 +333,9 @@ def test_keys_never_appear_in_logs(fake_cluster: Cluster) -> None:
     router = fake_cluster.router()
     worker = fake_cluster.worker(router)
     http.post(f"{router.url}/v1/chat/completions", {"messages": PROMPT, "max_tokens": 2}, headers=router.headers())
-    http.post(f"{router.url}/v1/chat/completions", {"messages": PROMPT}, headers={"Authorization": "Bearer rtr_leakcheck"})
+    http.post(
+        f"{router.url}/v1/chat/completions", {"messages": PROMPT}, headers={"Authorization": "Bearer rtr_leakcheck"}
+    )
     worker.stop()
     router.stop()
     logs = router.log() + worker.log()
@@ -313,7 +348,9 @@ def test_keys_never_appear_in_logs(fake_cluster: Cluster) -> None:
 # --- configuration, setup and signals --------------------------------------------------------------
 
 
-def run_router_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_router_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     from tests.support.procs import base_env
 
     return subprocess.run(
@@ -330,7 +367,9 @@ def test_setup_prints_keys_and_hashes(tmp_path: Path) -> None:
     lines = out.stdout.splitlines()
     gpu_key = next(w for line in lines for w in line.split() if w.startswith("adm_"))
     api_key = next(w for line in lines for w in line.split() if w.startswith("rtr_"))
-    exports = {line.split("=", 1)[0][7:]: line.split("=", 1)[1].strip("'") for line in lines if line.startswith("export ")}
+    exports = {
+        line.split("=", 1)[0][7:]: line.split("=", 1)[1].strip("'") for line in lines if line.startswith("export ")
+    }
     assert verify_hash(exports["AUXOT_ADMIN_KEY_HASH"], gpu_key)
     assert verify_hash(exports["AUXOT_API_KEY_HASH"], api_key)
     assert not verify_hash(exports["AUXOT_API_KEY_HASH"], gpu_key)
@@ -355,7 +394,12 @@ def test_router_without_keys_says_what_to_do(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("AUXOT_PORT", "eighty"), ("AUXOT_JOB_TIMEOUT", "5 minutes"), ("AUXOT_MAX_PARALLEL", "0"), ("AUXOT_LOG_LEVEL", "loud")],
+    [
+        ("AUXOT_PORT", "eighty"),
+        ("AUXOT_JOB_TIMEOUT", "5 minutes"),
+        ("AUXOT_MAX_PARALLEL", "0"),
+        ("AUXOT_LOG_LEVEL", "loud"),
+    ],
 )
 def test_invalid_setting_stops_startup_with_one_line(keys, tmp_path: Path, variable: str, value: str) -> None:  # type: ignore[no-untyped-def]
     env = {"AUXOT_API_KEY_HASH": keys.api_hash, "AUXOT_ADMIN_KEY_HASH": keys.gpu_hash, variable: value}
@@ -369,17 +413,21 @@ def test_dotenv_file_configures_the_router(keys, tmp_path: Path) -> None:  # typ
 
     port = free_port()
     (tmp_path / ".env").write_text(
-        f"AUXOT_API_KEY_HASH='{keys.api_hash}'\nAUXOT_ADMIN_KEY_HASH='{keys.gpu_hash}'\nAUXOT_PORT={port}\nAUXOT_HOST=127.0.0.1\nAUXOT_MODEL=from-dotenv\n"
+        f"AUXOT_API_KEY_HASH='{keys.api_hash}'\nAUXOT_ADMIN_KEY_HASH='{keys.gpu_hash}'\nAUXOT_PORT={port}\nAUXOT_HOST=127.0.0.1\nAUXOT_MODEL=qwen3-coder-30b-a3b\n"
     )
     from tests.support.procs import Process, base_env
 
-    proc = Process([sys.executable, str(REPO / "auxot_router.py")], {**base_env(), "AUXOT_TEST_CWD": str(tmp_path)}, tmp_path / "r.log")
+    proc = Process(
+        [sys.executable, str(REPO / "auxot_router.py")],
+        {**base_env(), "AUXOT_TEST_CWD": str(tmp_path)},
+        tmp_path / "r.log",
+    )
     proc.start()
     try:
         deadline = time.monotonic() + 15
         while True:
             try:
-                assert http.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["model"] == "from-dotenv"
+                assert http.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["model"] == "Qwen3-Coder-30B-A3B"
                 break
             except OSError:
                 assert time.monotonic() < deadline, proc.log()
@@ -393,13 +441,18 @@ def test_sigterm_lets_running_streams_finish(fake_cluster: Cluster) -> None:
     fake_cluster.worker(router, FAKE_LLAMA_TOKENS_PER_SEC="25")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(
-            http.post, f"{router.url}/v1/chat/completions", {"messages": PROMPT, "max_tokens": 40, "stream": True}, headers=router.headers()
+            http.post,
+            f"{router.url}/v1/chat/completions",
+            {"messages": PROMPT, "max_tokens": 40, "stream": True},
+            headers=router.headers(),
         )
         time.sleep(0.5)
         router.signal(signal.SIGTERM)
         time.sleep(0.2)
         try:  # new work is refused: the listener is closed (or a 503 if the connection was open)
-            refused: int | None = http.post(f"{router.url}/v1/chat/completions", {"messages": PROMPT}, headers=router.headers()).status
+            refused: int | None = http.post(
+                f"{router.url}/v1/chat/completions", {"messages": PROMPT}, headers=router.headers()
+            ).status
         except OSError:
             refused = None
         resp = future.result(timeout=30)
@@ -426,3 +479,10 @@ def test_worker_sigterm_stops_llama_server(cluster: Cluster) -> None:
     while router.health()["workers"]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_model_typo_gets_did_you_mean(keys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    env = {"AUXOT_API_KEY_HASH": keys.api_hash, "AUXOT_ADMIN_KEY_HASH": keys.gpu_hash, "AUXOT_MODEL": "Qwen3-Codr-30B-A3B"}
+    out = run_router_cli(env=env, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "not found in registry" in out.stderr and "AUXOT_MODEL=Qwen3-Coder-30B-A3B" in out.stderr

@@ -13,7 +13,7 @@ import pytest
 from auxot_common.auth import NamedHash
 from auxot_common.logs import JsonFormatter, redact_url
 from auxot_common.settings import ConfigError, EnvReader, load_environment, parse_duration, read_dotenv
-from auxot_router import DEFAULT_MODEL, RouterConfig
+from auxot_router import DEFAULT_MODEL, RouterConfig, policy_from
 
 # Syntactically valid Argon2id PHC strings: RouterConfig only parses them (verifying is auth's job).
 API_HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHRzYWx0c2FsdA$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g"
@@ -174,16 +174,16 @@ def test_env_reader_defaults_for_missing_or_empty() -> None:
     read = EnvReader({"EMPTY": ""})
     assert read.raw("EMPTY") is None
     assert read.raw("MISSING") is None
-    assert read.str("EMPTY", "dflt") == "dflt"
-    assert read.int("EMPTY", 7) == 7
+    assert read.text("EMPTY", "dflt") == "dflt"
+    assert read.integer("EMPTY", 7) == 7
     assert read.duration("MISSING", 2.5) == 2.5
     assert read.choice("MISSING", "info", ("info", "debug")) == "info"
 
 
 def test_env_reader_values() -> None:
     read = EnvReader({"S": "text", "I": "42", "D": "1m", "C": "DEBUG"})
-    assert read.str("S", "x") == "text"
-    assert read.int("I", 0, minimum=1, maximum=100) == 42
+    assert read.text("S", "x") == "text"
+    assert read.integer("I", 0, minimum=1, maximum=100) == 42
     assert read.duration("D", 0) == 60.0
     assert read.choice("C", "info", ("debug", "info")) == "debug"  # case-insensitive
 
@@ -191,10 +191,10 @@ def test_env_reader_values() -> None:
 @pytest.mark.parametrize(
     ("env", "call", "fragments"),
     [
-        ({"AUXOT_X": "abc"}, lambda r: r.int("AUXOT_X", 1), ["AUXOT_X", "'abc'", "integer"]),
-        ({"AUXOT_X": "1.5"}, lambda r: r.int("AUXOT_X", 1), ["AUXOT_X", "integer"]),
-        ({"AUXOT_X": "0"}, lambda r: r.int("AUXOT_X", 1, minimum=1), ["AUXOT_X", "at least 1"]),
-        ({"AUXOT_X": "99"}, lambda r: r.int("AUXOT_X", 1, maximum=10), ["AUXOT_X", "at most 10"]),
+        ({"AUXOT_X": "abc"}, lambda r: r.integer("AUXOT_X", 1), ["AUXOT_X", "'abc'", "integer"]),
+        ({"AUXOT_X": "1.5"}, lambda r: r.integer("AUXOT_X", 1), ["AUXOT_X", "integer"]),
+        ({"AUXOT_X": "0"}, lambda r: r.integer("AUXOT_X", 1, minimum=1), ["AUXOT_X", "at least 1"]),
+        ({"AUXOT_X": "99"}, lambda r: r.integer("AUXOT_X", 1, maximum=10), ["AUXOT_X", "at most 10"]),
         ({"AUXOT_X": "soon"}, lambda r: r.duration("AUXOT_X", 1), ["AUXOT_X", "'soon'", "duration", "30s"]),
         ({"AUXOT_X": "10ms"}, lambda r: r.duration("AUXOT_X", 1, minimum=1), ["AUXOT_X", "at least 1s"]),
         ({"AUXOT_X": "-3"}, lambda r: r.duration("AUXOT_X", 1), ["AUXOT_X", "at least"]),
@@ -252,10 +252,12 @@ def test_defaults() -> None:
     assert config.ctx_size == 131072
     assert config.max_parallel == 2
     assert config.max_queue >= 1
-    policy = config.policy()
+    policy = policy_from(config.resolve())
     assert policy.model_name == DEFAULT_MODEL
     assert policy.context_size == 131072
     assert policy.max_parallelism == 2
+    # The policy carries the full resolution, so a worker needs no registry of its own.
+    assert policy.huggingface_id.startswith("unsloth/") and policy.files and policy.quantization
 
 
 def test_values_from_the_environment() -> None:

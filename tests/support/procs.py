@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from tests.support import http
 
+from tests.support import http
 from tests.support.llama_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +44,9 @@ class Process:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.env.get("AUXOT_TEST_CWD", str(REPO)))
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.env.get("AUXOT_TEST_CWD", str(REPO))
+        )
         log.close()
 
     @property
@@ -90,7 +92,9 @@ def base_env(**extra: str) -> dict[str, str]:
 class RouterProcess(Process):
     """``python auxot_router.py`` on a free port; ``env`` adds or overrides AUXOT_* settings."""
 
-    def __init__(self, keys: Keys, log_dir: Path, name: str = "router", port: int | None = None, **settings: str) -> None:
+    def __init__(
+        self, keys: Keys, log_dir: Path, name: str = "router", port: int | None = None, **settings: str
+    ) -> None:
         self.port = port or free_port()
         defaults = {
             "AUXOT_HOST": "127.0.0.1",
@@ -174,6 +178,18 @@ class WorkerProcess(Process):
         path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
         return [int(p) for p in path.read_text().split()] if path.exists() else []
 
+    def llama_port(self) -> int:
+        """The port of this worker's llama-server (read from its command line)."""
+        for pid in self.llama_children():
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"--port" in args:
+                return int(args[args.index(b"--port") + 1])
+        raise RuntimeError("the worker has no llama-server child with --port")
+
+    def fake_stats(self) -> dict[str, int]:
+        """``GET /fake/stats`` of this worker's fake llama-server (no API key needed)."""
+        return fake_stats(self.llama_port())
+
 
 def pid_alive(pid: int) -> bool:
     try:
@@ -182,3 +198,8 @@ def pid_alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+def fake_stats(port: int) -> dict[str, int]:
+    """``GET /fake/stats`` of a fake llama-server: requests_started, requests_aborted, ..."""
+    return dict(orjson.loads(http.get(f"http://127.0.0.1:{port}/fake/stats", timeout=5).body))
