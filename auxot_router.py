@@ -1031,6 +1031,7 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         receive_timeout=3 * config.heartbeat_interval + config.hello_timeout,
         max_msg_size=config.max_ws_message_bytes,
         compress=False,
+        decode_text=False,  # frames stay bytes: orjson parses them and the relay forwards them as they are
     )
     await ws.prepare(request)
     hello = await receive_hello(ws, config.hello_timeout)
@@ -1065,7 +1066,7 @@ async def receive_hello(ws: web.WebSocketResponse, timeout: float) -> proto.Hell
         msg = await ws.receive(timeout=timeout)
     except TimeoutError:
         return None
-    if msg.type != WSMsgType.TEXT:
+    if msg.type != WSMsgType.TEXT:  # a text frame (its data stays bytes: decode_text=False)
         return None
     try:
         hello = proto.decode(msg.data)
@@ -1095,7 +1096,7 @@ async def serve_worker(router: Router, worker: WorkerConnection) -> None:
             except proto.ProtocolError as exc:
                 log.warning("bad message from worker", extra={"worker_id": worker.worker_id, "error": str(exc)})
                 continue
-            await router.on_worker_message(worker, msg.data.encode(), message)
+            await router.on_worker_message(worker, msg.data, message)
         if worker.ws.close_code not in (None, 1000, 1001):
             reason = f"closed with code {worker.ws.close_code}"
     except TimeoutError:

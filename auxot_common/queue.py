@@ -60,18 +60,30 @@ class StreamQueue:
         instance_id: this router instance; its consumer name and inbox.
         prefix: key prefix, ``auxot:`` in production, unique per test.
         server_blocking: True for a real Redis (honours ``BLOCK``), False for the embedded one.
+        shared: whether other instances may use the same store (default: ``server_blocking``);
+            a private queue counts its waiting jobs locally instead of asking Redis.
     """
 
-    def __init__(self, redis: Redis, *, instance_id: str, prefix: str = "auxot:", server_blocking: bool) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        instance_id: str,
+        prefix: str = "auxot:",
+        server_blocking: bool,
+        shared: bool | None = None,
+    ) -> None:
         self.redis = redis
         self.instance_id = instance_id
         self.prefix = prefix
         self.jobs_key = f"{prefix}jobs"
         self._server_blocking = server_blocking
-        self.shared = server_blocking  # a real Redis may be shared with other router instances
+        # A real Redis may be shared with other router instances; the embedded store never is.
+        self.shared = server_blocking if shared is None else shared
         self._jobs_added = asyncio.Event()
         self._inbox_added = asyncio.Event()
         self._inbox_last_id = "0-0"
+        self._waiting = 0  # embedded mode: this process is the only reader and writer
 
     # --- keys -----------------------------------------------------------------------------------
 
@@ -99,11 +111,14 @@ class StreamQueue:
     async def enqueue(self, job: Job, data: bytes) -> str:
         """Append a job (``data`` is its encoded message) and wake local readers."""
         entry_id = await self.redis.xadd(self.jobs_key, {"job_id": job.job_id, "data": data})
+        self._waiting += 1
         self._jobs_added.set()
         return _text(entry_id)
 
     async def depth(self) -> int:
         """Jobs waiting for a worker: entries not yet delivered to any instance."""
+        if not self.shared:  # no other instance can add or take jobs: the count is exact locally
+            return self._waiting
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xlen(self.jobs_key)
             pipe.xpending(self.jobs_key, GROUP)
@@ -123,8 +138,12 @@ class StreamQueue:
         return entries
 
     async def _xreadgroup(self, count: int, block_ms: int | None) -> list[JobEntry]:
-        reply: Any = await self.redis.xreadgroup(GROUP, self.instance_id, {self.jobs_key: ">"}, count=count, block=block_ms)
-        return [_job_entry(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+        reply: Any = await self.redis.xreadgroup(
+            GROUP, self.instance_id, {self.jobs_key: ">"}, count=count, block=block_ms
+        )
+        entries = [_job_entry(entry_id, fields) for _, stream in reply or [] for entry_id, fields in stream]
+        self._waiting = max(self._waiting - len(entries), 0)
+        return entries
 
     async def ack(self, entry_ids: list[str]) -> None:
         """Finish entries: XACK then XDEL, in one round trip."""

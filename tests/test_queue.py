@@ -40,7 +40,7 @@ async def make_queue(server: fakeredis.FakeServer, prefix: str) -> AsyncIterator
     def make(instance_id: str) -> StreamQueue:
         client = fakeredis.FakeAsyncRedis(server=server)
         clients.append(client)
-        return StreamQueue(client, instance_id=instance_id, prefix=prefix, server_blocking=False)
+        return StreamQueue(client, instance_id=instance_id, prefix=prefix, server_blocking=False, shared=True)
 
     yield make
     for client in clients:
@@ -432,3 +432,18 @@ async def test_reclaimer_right_after_a_claim_gets_nothing(make_queue: Callable[[
     assert len(await b.reclaim_from_dead_instances(min_idle_s=0.1)) == 1
     # b has no liveness key either, but its claim is fresh: c cannot take the job from it
     assert await c.reclaim_from_dead_instances(min_idle_s=0.1) == []
+
+
+async def test_private_queue_counts_waiting_jobs_without_redis() -> None:
+    """The embedded queue belongs to one process, so its depth needs no round trip, and stays
+    exact through enqueue and read."""
+    client = fakeredis.FakeAsyncRedis()
+    q = StreamQueue(client, instance_id="solo", prefix="solo:", server_blocking=False)
+    await q.ensure_group()
+    for job_id in ("a", "b", "c"):
+        await enqueue(q, job_id)
+    assert await q.depth() == 3
+    assert len(await q.read_jobs(2, 0.1)) == 2
+    assert await q.depth() == 1
+    assert await q.redis.xlen(q.jobs_key) == 3  # read jobs stay pending until acknowledged
+    await client.aclose()
