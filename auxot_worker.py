@@ -56,8 +56,10 @@ from auxot_common.provision import (
     policy_change,
     provide_binary,
     provide_model,
+    vram_report_gb,
 )
 from auxot_common.settings import ConfigError, EnvReader, load_environment
+from auxot_common.textparse import REASONING, TextParser
 
 VERSION = "0.1.0"
 log = logging.getLogger("auxot.worker")
@@ -446,6 +448,7 @@ class LlamaSupervisor:
         self.on_up: Callable[[], Awaitable[None]] = _no_hook
         self.wait_idle: Callable[[float], Awaitable[None]] = _no_hook
         self.restarts: deque[float] = deque()
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # the restart backoff (tests)
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -524,7 +527,7 @@ class LlamaSupervisor:
             self.restarts.append(now)
             delay = min(self.config.restart_max_delay, self.config.restart_delay * 2 ** (len(self.restarts) - 1))
             log.warning("restarting llama-server", extra={"restart": len(self.restarts), "delay_s": delay})
-            await asyncio.sleep(delay)
+            await self.sleep(delay)
             try:
                 await self.server.start(self.session, self.config.ready_timeout)
             except LlamaStartError as exc:
@@ -582,6 +585,7 @@ class AttachedBackend:
         self.config = config
         self.policy = policy
         self.session = session
+        self.model_id = ""  # the id /v1/models gives; vLLM and Ollama want it as the request's "model"
         self.up = asyncio.Event()
         self.on_down: Callable[[str], Awaitable[None]] = _no_hook
         self.on_up: Callable[[], Awaitable[None]] = _no_hook
@@ -637,10 +641,12 @@ class AttachedBackend:
         data = ((models or {}).get("data") or [{}])[0] if isinstance(models, dict) else {}
         props = props if status == 200 and isinstance(props, dict) else {}
         settings = props.get("default_generation_settings") or {}
+        self.model_id = str(data.get("id") or "")
         return proto.Capabilities(
             backend="llama.cpp" if settings else "openai-compatible",
-            model=model_display_name(str(data.get("id") or self.policy.model_name)),
-            ctx_size=int(settings.get("n_ctx") or self.policy.context_size),
+            model=model_display_name(self.model_id or self.policy.model_name),
+            # llama-server: n_ctx per slot; vLLM: max_model_len; else the policy's
+            ctx_size=int(settings.get("n_ctx") or data.get("max_model_len") or self.policy.context_size),
             parameters=format_parameters((data.get("meta") or {}).get("n_params")),
             total_slots=self.config.max_parallel or int(props.get("total_slots") or 0) or self.policy.max_parallelism,
         )
@@ -661,6 +667,8 @@ class AttachedBackend:
 
     async def close(self) -> None:
         return None
+
+
 # === Job execution ================================================================================
 
 
@@ -721,11 +729,16 @@ class LlamaHTTPError(Exception):
 
 @dataclass(slots=True)
 class JobResult:
-    """What one job accumulated from llama-server's stream."""
+    """What one job accumulated from llama-server's stream.
 
-    text: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
+    Content and reasoning pass through a :class:`TextParser`, which catches ``<think>`` tags and
+    XML/JSON tool calls that some chat templates leak into the content.
+    """
+
+    parser: TextParser = field(default_factory=TextParser)
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    unsent_logprobs: list[dict[str, Any]] = field(default_factory=list)  # text held back by the parser
     finish_reason: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
@@ -747,16 +760,20 @@ class JobResult:
         prompt = int(usage.get("prompt_tokens") or (timings.get("prompt_n", 0) + timings.get("cache_n", 0)))
         output = int(usage.get("completion_tokens") or timings.get("predicted_n") or 0)
         calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        finish = self.finish_reason or "stop"
+        if calls and finish == "stop":  # calls recovered from the text
+            finish = "tool_calls"
         return proto.Complete(
             job_id=job_id,
-            full_response="".join(self.text),
-            finish_reason=self.finish_reason or ("tool_calls" if calls else "stop"),
+            full_response=self.parser.content,
+            finish_reason=finish,
             duration_ms=duration_ms,
             input_tokens=prompt,
             output_tokens=output,
             cache_tokens=cached,
             tool_calls=calls,
-            reasoning_content="".join(self.reasoning),
+            reasoning_content=self.parser.reasoning,
+            logprobs={"content": self.logprobs} if self.logprobs else None,
         )
 
 
@@ -841,9 +858,23 @@ class JobRunner:
             if resp.status != 200:
                 message = llama_error_message(resp.status, await resp.read())
                 raise LlamaHTTPError(caller_status(resp.status, message), message)
-            result = JobResult()
+            result = new_result(job)
             await self._relay_stream(job, resp, result)
+            await self._finish_text(job, result)
             return result
+
+    async def _finish_text(self, job: proto.Job, result: JobResult) -> None:
+        """Release text the parser held back and adopt tool calls it found in the text."""
+        segments, calls = result.parser.finish()
+        outgoing: list[proto.Message] = []
+        for kind, text in segments:
+            add_token(outgoing, job, text, reasoning=kind == REASONING)
+        if result.unsent_logprobs and job.stream:
+            attach_logprobs(outgoing, result)
+        for message in outgoing:
+            await self._send(message)
+        if calls and not result.tool_calls:
+            result.tool_calls = dict(enumerate(calls))
 
     async def _count_prompt_tokens(self, job: proto.Job) -> JobResult:
         """The prompt size exactly as a chat request would have it: rendered with the model's
@@ -886,16 +917,20 @@ class JobRunner:
         """Apply a batch of SSE payloads; returns True at ``[DONE]``."""
         outgoing: list[proto.Message] = []
         done = False
+        failure: LlamaHTTPError | None = None
         for payload in events:
             if payload.strip() == b"[DONE]":
                 done = True
                 break
             chunk = orjson.loads(payload)
             if "error" in chunk and not chunk.get("choices"):
-                raise LlamaHTTPError(500, llama_error_message(500, payload))
+                failure = LlamaHTTPError(500, llama_error_message(500, payload))
+                break
             apply_chunk(job, chunk, result, outgoing)
-        for message in outgoing:
+        for message in outgoing:  # what came before a failure still reaches the caller
             await self._send(message)
+        if failure is not None:
+            raise failure
         return done
 
 
@@ -908,25 +943,66 @@ def apply_chunk(job: proto.Job, chunk: dict[str, Any], result: JobResult, outgoi
     for choice in chunk.get("choices") or []:
         if choice.get("finish_reason"):
             result.finish_reason = choice["finish_reason"]
+        logprobs = choice.get("logprobs")
+        if logprobs and isinstance(logprobs.get("content"), list):
+            result.logprobs.extend(logprobs["content"])
+            result.unsent_logprobs.extend(logprobs["content"])
         delta = choice.get("delta")
         if delta is None:  # legacy completions carry text instead of a delta
             text = choice.get("text")
             delta = {"content": text} if text else {}
         reasoning, content, calls = delta.get("reasoning_content"), delta.get("content"), delta.get("tool_calls")
         if reasoning:
-            result.reasoning.append(reasoning)
-            add_token(outgoing, job, reasoning, reasoning=True)
+            for _, text in result.parser.feed(reasoning, reasoning=True):
+                add_token(outgoing, job, text, reasoning=True)
         if content:
-            result.text.append(content)
-            add_token(outgoing, job, content, reasoning=False)
+            for kind, text in result.parser.feed(content):
+                add_token(outgoing, job, text, reasoning=kind == REASONING)
+        if result.unsent_logprobs and job.stream:
+            attach_logprobs(outgoing, result)
         if calls:
             result.merge_tool_deltas(calls)
             if job.stream:
-                last = outgoing[-1] if outgoing else None
-                if isinstance(last, proto.ToolCallDelta):
-                    last.tool_calls.extend(calls)
-                else:
-                    outgoing.append(proto.ToolCallDelta(job_id=job.job_id, tool_calls=list(calls)))
+                add_tool_deltas(outgoing, job, calls)
+
+
+def add_tool_deltas(outgoing: list[proto.Message], job: proto.Job, calls: list[dict[str, Any]]) -> None:
+    """Queue tool-call fragments; argument fragments of one call that arrived together become
+    one fragment, as OpenAI never repeats an index within a chunk."""
+    last = outgoing[-1] if outgoing else None
+    if not isinstance(last, proto.ToolCallDelta):
+        last = proto.ToolCallDelta(job_id=job.job_id, tool_calls=[])
+        outgoing.append(last)
+    for call in calls:
+        previous = last.tool_calls[-1] if last.tool_calls else None
+        function = call.get("function") or {}
+        continues = previous is not None and previous.get("index", 0) == call.get("index", 0)
+        if continues and previous is not None and set(call) <= {"index", "function"} and set(function) <= {"arguments"}:
+            merged = dict(previous.get("function") or {})
+            merged["arguments"] = (merged.get("arguments") or "") + (function.get("arguments") or "")
+            last.tool_calls[-1] = {**previous, "function": merged}
+        elif previous is not None and any(c.get("index", 0) == call.get("index", 0) for c in last.tool_calls):
+            last = proto.ToolCallDelta(job_id=job.job_id, tool_calls=[call])  # keep one entry per index per chunk
+            outgoing.append(last)
+        else:
+            last.tool_calls.append(call)
+
+
+def attach_logprobs(outgoing: list[proto.Message], result: JobResult) -> None:
+    """Logprobs ride on the content they describe; while the parser holds text back they wait."""
+    for message in reversed(outgoing):
+        if isinstance(message, proto.Token) and not message.reasoning:
+            message.logprobs = message.logprobs + result.unsent_logprobs
+            result.unsent_logprobs = []
+            return
+
+
+def new_result(job: proto.Job) -> JobResult:
+    """Chat output is checked for leaked ``<think>`` tags and tool calls; legacy completions are
+    raw text and pass through as they are."""
+    if job.kind == "completion":
+        return JobResult(parser=TextParser(extract_tools=False, split_think=False))
+    return JobResult(parser=TextParser(job.tools))
 
 
 def add_token(outgoing: list[proto.Message], job: proto.Job, text: str, *, reasoning: bool) -> None:
@@ -1215,7 +1291,7 @@ class Worker:
         self.gpu = await detect_gpus()
         if self.gpu.warning:
             log.warning(self.gpu.warning)
-        hardware = proto.Capabilities(gpus=self.gpu.to_dicts(), vram_gb=self.gpu.vram_gb)
+        hardware = proto.Capabilities(gpus=self.gpu.to_dicts(), vram_gb=vram_report_gb(self.gpu))
         policy = await self._unless_stopped(self.link.fetch_policy(hardware))
         if policy is None:
             return 0
@@ -1227,9 +1303,10 @@ class Worker:
         supervisor.on_up = self._on_up
         supervisor.wait_idle = self._wait_idle
         await self._on_up()
-        backend: Any = supervisor.backend  # JobRunner is typed for LlamaServer; any Backend works
+        backend: Backend = supervisor.backend
+        runner_backend: Any = backend  # JobRunner's annotation names LlamaServer; it uses base_url and api_key
         serve = asyncio.create_task(
-            self.link.serve(lambda send: JobRunner(self.llama_session, backend, send), self.stop)
+            self.link.serve(lambda send: JobRunner(self.llama_session, runner_backend, send), self.stop)
         )
         watch = asyncio.create_task(supervisor.watch())
         stopped = asyncio.create_task(self.stop.wait())
@@ -1328,7 +1405,7 @@ class Worker:
             caps = dataclasses.replace(self.link.caps, total_slots=self.requested[0] or 1, ctx_size=self.requested[1])
         caps.model_capabilities = list(self.policy.capabilities)
         caps.gpus = self.gpu.to_dicts()
-        caps.vram_gb = self.gpu.vram_gb
+        caps.vram_gb = vram_report_gb(self.gpu)
         return caps
 
     async def _on_down(self, reason: str) -> None:

@@ -83,13 +83,27 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if tools is not None:
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise RequestError(400, "tools must be an array of objects", param="tools")
-        request.tools = tools
+        request.tools = _force_named_tool(tools, request.params)
     effort = obj.get("reasoning_effort")
     if effort is not None:
         if not isinstance(effort, str):
             raise RequestError(400, "reasoning_effort must be a string", param="reasoning_effort")
         request.reasoning_effort = effort
     return request
+
+
+def _force_named_tool(tools: list[JSONObject], params: JSONObject) -> list[JSONObject]:
+    """``tool_choice: {"type":"function","function":{"name":N}}`` as llama-server understands it:
+    it reads ``tool_choice`` only as a string, so offer just that tool and require a call."""
+    choice = params.get("tool_choice")
+    if not isinstance(choice, dict):
+        return tools
+    name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+    chosen = [t for t in tools if (t.get("function") or {}).get("name") == name]
+    if not chosen:
+        raise RequestError(400, f"tool_choice names a tool that is not in tools: {name!r}", param="tool_choice")
+    params["tool_choice"] = "required"
+    return chosen
 
 
 def parse_completion_request(body: Any) -> ChatRequest:
@@ -235,6 +249,9 @@ class OpenAIChatStream:
 
     def on_token(self, msg: Token) -> bytes:
         key = b'{"reasoning_content":' if msg.reasoning else b'{"content":'
+        if msg.logprobs:
+            logprobs = b'},"logprobs":{"content":' + orjson.dumps(msg.logprobs) + b'},"finish_reason":null}]}\n\n'
+            return self._prefix + key + orjson.dumps(msg.token) + logprobs
         return self._prefix + key + orjson.dumps(msg.token) + b'},"logprobs":null,"finish_reason":null}]}\n\n'
 
     def on_tool_call_delta(self, msg: ToolCallDelta) -> bytes:

@@ -128,6 +128,7 @@ class Token:
     job_id: str
     token: str
     reasoning: bool = False
+    logprobs: list[JSONObject] = field(default_factory=list)  # only when the caller asked for them
     type: ClassVar[str] = "token"
     _always: ClassVar[frozenset[str]] = frozenset({"job_id", "token"})
 
@@ -320,7 +321,7 @@ _NESTED: dict[str, Any] = {"Capabilities": Capabilities, "Policy": Policy, "Poli
 
 def encode(message: Message) -> bytes:
     """Serialise a message to the JSON bytes of one text frame."""
-    if type(message) is Token:  # the hot path: one per batch of streamed text
+    if type(message) is Token and not message.logprobs:  # the hot path: one per batch of streamed text
         if message.reasoning:
             return orjson.dumps({"type": "token", "job_id": message.job_id, "token": message.token, "reasoning": True})
         return orjson.dumps({"type": "token", "job_id": message.job_id, "token": message.token})
@@ -340,7 +341,7 @@ def decode(data: str | bytes) -> Message:
     if kind == "token":  # the hot path
         job_id, token = obj.get("job_id"), obj.get("token")
         reasoning = obj.get("reasoning", False)
-        if isinstance(job_id, str) and isinstance(token, str) and isinstance(reasoning, bool):
+        if isinstance(job_id, str) and isinstance(token, str) and isinstance(reasoning, bool) and "logprobs" not in obj:
             return Token(job_id, token, reasoning)
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:

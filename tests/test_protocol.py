@@ -70,7 +70,7 @@ FULL_MESSAGES: list[Any] = [
     Hello(gpu_key="adm_key", capabilities=FULL_CAPS, policy_only=True),
     Config(capabilities=FULL_CAPS),
     Heartbeat(),
-    Token(job_id="chatcmpl-1", token="Hel", reasoning=True),
+    Token(job_id="chatcmpl-1", token="Hel", reasoning=True, logprobs=[{"token": "Hel", "logprob": -0.1}]),
     ToolCallDelta(job_id="chatcmpl-1", tool_calls=[TOOL_CALL]),
     Complete(
         job_id="chatcmpl-1",
