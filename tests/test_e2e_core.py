@@ -355,7 +355,7 @@ def run_router_cli(
 
     return subprocess.run(
         [sys.executable, str(REPO / "auxot_router.py"), *args],
-        capture_output=True, text=True, timeout=60, env=base_env(**(env or {})), cwd=cwd or REPO,
+        capture_output=True, text=True, timeout=60, env=base_env(**(env or {})), cwd=cwd or REPO, check=False,
     )  # fmt: skip
 
 
@@ -482,7 +482,11 @@ def test_worker_sigterm_stops_llama_server(cluster: Cluster) -> None:
 
 
 def test_model_typo_gets_did_you_mean(keys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    env = {"AUXOT_API_KEY_HASH": keys.api_hash, "AUXOT_ADMIN_KEY_HASH": keys.gpu_hash, "AUXOT_MODEL": "Qwen3-Codr-30B-A3B"}
+    env = {
+        "AUXOT_API_KEY_HASH": keys.api_hash,
+        "AUXOT_ADMIN_KEY_HASH": keys.gpu_hash,
+        "AUXOT_MODEL": "Qwen3-Codr-30B-A3B",
+    }
     out = run_router_cli(env=env, cwd=tmp_path)
     assert out.returncode == 1
     assert "not found in registry" in out.stderr and "AUXOT_MODEL=Qwen3-Coder-30B-A3B" in out.stderr
