@@ -94,6 +94,8 @@ class RouterConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     max_ws_message_bytes: int = 64 * 1024 * 1024
     max_queue: int = 1000
+    max_requests: int = 4096
+    max_workers: int = 1024
     max_attempts: int = 3
     sse_keepalive: float = 10.0
     shutdown_grace: float = 30.0
@@ -133,6 +135,8 @@ class RouterConfig:
             registry_file=read.text("AUXOT_REGISTRY_FILE", ""),
             max_body_bytes=read.integer("AUXOT_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024),
             max_queue=read.integer("AUXOT_MAX_QUEUE", 1000, minimum=1),
+            max_requests=read.integer("AUXOT_MAX_REQUESTS", 4096, minimum=1),
+            max_workers=read.integer("AUXOT_MAX_WORKERS", 1024, minimum=1),
             max_attempts=read.integer("AUXOT_MAX_ATTEMPTS", 3, minimum=1, maximum=10),
             sse_keepalive=read.duration("AUXOT_SSE_KEEPALIVE", 10.0, minimum=0.05),
             shutdown_grace=read.duration("AUXOT_SHUTDOWN_GRACE", 30.0),
@@ -411,6 +415,7 @@ class Router:
         self.model_name = self.resolution.model_name
         self.backlog: deque[tuple[str, proto.Job]] = deque()
         self.draining = False
+        self.in_flight = 0
         self.started = int(time.time())
 
     # --- dispatch -------------------------------------------------------------------------------
@@ -786,12 +791,24 @@ async def auth_middleware(
 
 
 @web.middleware
-async def drain_middleware(
+async def admission_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    if request.app[ROUTER].draining and request.path not in OPEN_PATHS:
+    """Refuse new work while draining, and beyond AUXOT_MAX_REQUESTS requests in flight."""
+    router = request.app[ROUTER]
+    if request.path == "/health":
+        return await handler(request)
+    if router.draining:
         return error_response(request, 503, "the router is shutting down; retry on another instance", retry_after=1)
-    return await handler(request)
+    if request.path == "/ws" and len(router.pool.workers) >= router.config.max_workers:
+        return error_response(request, 503, "too many workers are connected (AUXOT_MAX_WORKERS)", retry_after=30)
+    if router.in_flight >= router.config.max_requests:
+        return error_response(request, 503, "too many requests in flight; try again shortly", retry_after=1)
+    router.in_flight += 1
+    try:
+        return await handler(request)
+    finally:
+        router.in_flight -= 1
 
 
 # === Handlers: OpenAI =============================================================================
@@ -1241,7 +1258,7 @@ def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Applicat
         server_blocking = not type(redis).__module__.startswith("fakeredis")
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[errors_middleware, drain_middleware, auth_middleware],
+        middlewares=[errors_middleware, admission_middleware, auth_middleware],
         handler_args={"max_field_size": 65536},
     )
     app[ROUTER] = Router(config, redis, server_blocking=server_blocking)

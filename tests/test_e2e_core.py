@@ -490,3 +490,27 @@ def test_model_typo_gets_did_you_mean(keys, tmp_path: Path) -> None:  # type: ig
     out = run_router_cli(env=env, cwd=tmp_path)
     assert out.returncode == 1
     assert "not found in registry" in out.stderr and "AUXOT_MODEL=Qwen3-Coder-30B-A3B" in out.stderr
+
+
+def test_requests_in_flight_are_bounded(fake_cluster: Cluster) -> None:
+    """Beyond AUXOT_MAX_REQUESTS concurrent requests the router answers 503 at once, and serves
+    again as soon as one finishes."""
+    router = fake_cluster.router(AUXOT_MAX_REQUESTS="2")  # the worker's socket holds one of them
+    fake_cluster.worker(router, FAKE_LLAMA_TOKENS_PER_SEC="20")
+    body = {"messages": PROMPT, "max_tokens": 20, "stream": True}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(http.post, f"{router.url}/v1/chat/completions", body, headers=router.headers())
+        deadline = time.monotonic() + 10
+        while router.health()["active_jobs"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        refused = http.post(f"{router.url}/v1/chat/completions", body, headers=router.headers())
+        assert refused.status == 503 and refused.headers.get("retry-after")
+        assert refused.json()["error"]["message"]
+        assert running.result(timeout=30).status == 200
+    assert (
+        http.post(
+            f"{router.url}/v1/chat/completions", {"messages": PROMPT, "max_tokens": 2}, headers=router.headers()
+        ).status
+        == 200
+    )
