@@ -252,7 +252,11 @@ class WorkerPool:
 
 
 class EventChannel:
-    """Unbounded single-consumer channel; the consumer takes everything that arrived at once."""
+    """Unbounded single-consumer channel; the consumer takes everything that arrived at once.
+
+    It has no timeouts of its own: a timer per wait would cost a heap insert and removal per
+    token. The tracker's ticker calls :meth:`wake` on channels that have been idle too long.
+    """
 
     __slots__ = ("_items", "_waiter")
 
@@ -262,16 +266,18 @@ class EventChannel:
 
     def put(self, item: proto.Message) -> None:
         self._items.append(item)
+        self.wake()
+
+    def wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def take(self, timeout: float) -> list[proto.Message]:
+    async def take(self) -> list[proto.Message]:
+        """Everything queued; an empty list when woken with nothing to deliver."""
         if not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._waiter, timeout)
-            except TimeoutError:
-                return []
+                await self._waiter
             finally:
                 self._waiter = None
         items, self._items = self._items, []
@@ -288,6 +294,7 @@ class JobHandle:
     arrived: float
     deadline: float
     events: EventChannel = field(default_factory=EventChannel)
+    last_yield: float = field(default_factory=time.monotonic)
     content_sent: bool = False
     dispatched_to: tuple[str, str] | None = None  # (instance id, worker id)
     finished: bool = False
@@ -334,14 +341,21 @@ class JobTracker:
     async def events(self, handle: JobHandle, keepalive: float) -> AsyncIterator[list[proto.Message]]:
         """Batches of events for the caller; an empty batch means "nothing for a while"."""
         while not handle.finished:
-            wait = min(keepalive, handle.deadline - time.time())
-            if wait <= 0:
+            if time.time() >= handle.deadline:
                 yield [self._fail(handle, f"the job timed out after {self._router.config.job_timeout:g}s", 504)]
                 return
-            batch = await handle.events.take(wait)
+            batch = await handle.events.take()
+            if not batch:  # woken by the ticker
+                if time.monotonic() - handle.last_yield >= keepalive:
+                    handle.last_yield = time.monotonic()
+                    yield []
+                continue
             out: list[proto.Message] = []
             for message in batch:
-                if isinstance(message, proto.Dispatched):
+                kind = type(message)
+                if kind is proto.Token or kind is proto.ToolCallDelta:  # the common case, first
+                    out.append(message)
+                elif isinstance(message, proto.Dispatched):
                     handle.dispatched_to = (message.instance_id, message.worker_id)
                 elif isinstance(message, proto.WorkerLost):
                     failure = await self._worker_lost(handle, message)
@@ -353,8 +367,19 @@ class JobTracker:
                     if isinstance(message, proto.Complete | proto.Error):
                         self._finish(handle)
                         break
-            if out or not batch:  # a batch of only internal events is not a keep-alive tick
+            if out:  # a batch of only internal events is not a keep-alive tick
+                handle.last_yield = time.monotonic()
                 yield out
+
+    async def tick_forever(self, keepalive: float) -> None:
+        """Wake requests that are due a keep-alive or past their deadline (one timer for all)."""
+        interval = min(0.25, keepalive / 2)
+        while True:
+            await asyncio.sleep(interval)
+            now, wall = time.monotonic(), time.time()
+            for handle in list(self.handles.values()):
+                if now - handle.last_yield >= keepalive or wall >= handle.deadline:
+                    handle.events.wake()
 
     async def _worker_lost(self, handle: JobHandle, lost: proto.WorkerLost) -> proto.Error | None:
         job = handle.job
@@ -490,7 +515,9 @@ class Router:
         return True
 
     async def on_worker_message(self, worker: WorkerConnection, raw: bytes, message: proto.Message) -> None:
-        if isinstance(message, proto.Token | proto.ToolCallDelta | proto.PromptProgress):
+        kind = type(message)
+        if kind is proto.Token or kind is proto.ToolCallDelta or kind is proto.PromptProgress:
+            assert isinstance(message, proto.Token | proto.ToolCallDelta | proto.PromptProgress)
             running = worker.running.get(message.job_id)
             if running is not None and not self.route(running.job.reply_to, message, raw):
                 await self._stop_on_worker(worker, message.job_id)  # its caller left meanwhile
@@ -1173,6 +1200,7 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(router.dispatch_forever(), name="dispatcher"),
         asyncio.create_task(relay_reader(router), name="relay-reader"),
         asyncio.create_task(liveness(router), name="liveness"),
+        asyncio.create_task(router.tracker.tick_forever(router.config.sse_keepalive), name="ticker"),
     ]
     yield
     for task in tasks:
