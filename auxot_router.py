@@ -527,7 +527,10 @@ class Router:
             running = worker.running.pop(message.job_id, None)
             if running is not None:
                 self.pool.capacity_changed.set()
-                self.route(running.job.reply_to, message, raw)
+                if isinstance(message, proto.Error) and message.retryable:  # e.g. its llama-server died
+                    self.route(running.job.reply_to, proto.WorkerLost(message.job_id, message.error))
+                else:
+                    self.route(running.job.reply_to, message, raw)
                 await self.queue.ack([running.entry_id])
         elif isinstance(message, proto.Heartbeat):
             await self.queue.beat_worker(

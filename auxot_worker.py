@@ -710,15 +710,45 @@ def normalise_message(message: dict[str, Any]) -> dict[str, Any]:
             ],
         }
     calls = message.get("tool_calls")
-    if isinstance(calls, list) and any(not (c.get("function") or {}).get("arguments") for c in calls if isinstance(c, dict)):
+    if isinstance(calls, list) and any(
+        not (c.get("function") or {}).get("arguments") for c in calls if isinstance(c, dict)
+    ):
         message = {
             **message,
             "tool_calls": [
-                {**c, "function": {**c.get("function", {}), "arguments": c.get("function", {}).get("arguments") or "{}"}}
+                {
+                    **c,
+                    "function": {**c.get("function", {}), "arguments": c.get("function", {}).get("arguments") or "{}"},
+                }
                 for c in calls
             ],
         }
     return message
+
+
+IMAGE_NOTE = "[an image was here; the model serving this conversation cannot see images]"
+
+
+def has_images(messages: list[dict[str, Any]]) -> bool:
+    return any(
+        isinstance(part, dict) and part.get("type") in ("image_url", "input_image")
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+
+
+def without_images(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts = [
+        {"type": "text", "text": IMAGE_NOTE}
+        if isinstance(p, dict) and p.get("type") in ("image_url", "input_image")
+        else p
+        for p in content
+    ]
+    return {**message, "content": parts}
 
 
 class LlamaHTTPError(Exception):
@@ -739,6 +769,7 @@ class JobResult:
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     unsent_logprobs: list[dict[str, Any]] = field(default_factory=list)  # text held back by the parser
+    sent_any: bool = False  # something of this job reached the router
     finish_reason: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
@@ -746,7 +777,9 @@ class JobResult:
     def merge_tool_deltas(self, deltas: list[dict[str, Any]]) -> None:
         for delta in deltas:
             index = delta.get("index", 0)
-            call = self.tool_calls.setdefault(index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            call = self.tool_calls.setdefault(
+                index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            )
             if delta.get("id"):
                 call["id"] = delta["id"]
             function = delta.get("function") or {}
@@ -787,10 +820,11 @@ class JobRunner:
         send: sends one protocol message to the router (raises ConnectionError when gone).
     """
 
-    def __init__(self, session: aiohttp.ClientSession, llama: LlamaServer, send: Any) -> None:
+    def __init__(self, session: aiohttp.ClientSession, llama: Backend, send: Any) -> None:
         self._session = session
         self._llama = llama
         self._send = send
+        self._vision: bool | None = None  # learnt from /props the first time a job has images
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self, job: proto.Job) -> None:
@@ -811,11 +845,15 @@ class JobRunner:
 
     async def _run(self, job: proto.Job) -> None:
         started = time.monotonic()
-        log.info("job started", extra={"job_id": job.job_id, "kind": job.kind, "messages": len(job.messages), "tools": len(job.tools)})
+        log.info(
+            "job started",
+            extra={"job_id": job.job_id, "kind": job.kind, "messages": len(job.messages), "tools": len(job.tools)},
+        )
         timeout = job.deadline - time.time() if job.deadline else None
+        result = new_result(job)
         try:
             async with asyncio.timeout(timeout):
-                result = await self._execute(job)
+                await self._execute(job, result)
         except asyncio.CancelledError:
             log.info("job cancelled", extra={"job_id": job.job_id})
             raise
@@ -826,7 +864,11 @@ class JobRunner:
             await self._report(proto.Error(job_id=job.job_id, error=str(exc), status=exc.status))
             return
         except (aiohttp.ClientError, ValueError) as exc:
-            await self._report(proto.Error(job_id=job.job_id, error=f"inference failed: {exc}", status=502))
+            # llama-server went away (crashed, restarting): if the caller has seen nothing yet,
+            # the router runs the job again on another worker
+            retryable = isinstance(exc, aiohttp.ClientError) and not result.sent_any
+            error = proto.Error(job_id=job.job_id, error=f"inference failed: {exc}", status=502, retryable=retryable)
+            await self._report(error)
             return
         complete = result.complete(job.job_id, int((time.monotonic() - started) * 1000))
         log.info(
@@ -846,22 +888,45 @@ class JobRunner:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self._send(message)
 
-    async def _execute(self, job: proto.Job) -> JobResult:
+    async def _execute(self, job: proto.Job, result: JobResult) -> None:
+        if job.kind in ("chat", "tokenize") and has_images(job.messages) and not await self._has_vision():
+            job.messages = [without_images(m) for m in job.messages]
         if job.kind == "tokenize":
-            return await self._count_prompt_tokens(job)
+            await self._count_prompt_tokens(job, result)
+            return
         endpoint = ENDPOINTS.get(job.kind)
         if endpoint is None:
             raise LlamaHTTPError(400, f"unsupported job kind {job.kind!r}")
-        headers = {"Authorization": f"Bearer {self._llama.api_key}", "Content-Type": "application/json"}
         url = self._llama.base_url + endpoint
-        async with self._session.post(url, data=orjson.dumps(llama_request_body(job)), headers=headers) as resp:
+        async with self._session.post(url, data=orjson.dumps(self._body(job)), headers=self._headers()) as resp:
             if resp.status != 200:
                 message = llama_error_message(resp.status, await resp.read())
                 raise LlamaHTTPError(caller_status(resp.status, message), message)
-            result = new_result(job)
             await self._relay_stream(job, resp, result)
             await self._finish_text(job, result)
-            return result
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._llama.api_key}", "Content-Type": "application/json"}
+
+    def _body(self, job: proto.Job) -> dict[str, Any]:
+        body = llama_request_body(job)
+        model_id = getattr(self._llama, "model_id", "")  # vLLM and Ollama need the model named
+        if model_id:
+            body["model"] = model_id
+        return body
+
+    async def _has_vision(self) -> bool:
+        """Whether the backend takes images; a text-only model gets a note in their place, so a
+        conversation that once held a screenshot (Claude Code sends its whole history) goes on."""
+        if self._vision is None:
+            try:
+                async with self._session.get(self._llama.base_url + "/props", headers=self._headers()) as resp:
+                    props = orjson.loads(await resp.read()) if resp.status == 200 else {}
+            except (aiohttp.ClientError, orjson.JSONDecodeError):
+                return True  # unknown: let the backend decide
+            modalities = props.get("modalities") if isinstance(props, dict) else None
+            self._vision = bool(modalities.get("vision", True)) if isinstance(modalities, dict) else True
+        return self._vision
 
     async def _finish_text(self, job: proto.Job, result: JobResult) -> None:
         """Release text the parser held back and adopt tool calls it found in the text."""
@@ -876,11 +941,11 @@ class JobRunner:
         if calls and not result.tool_calls:
             result.tool_calls = dict(enumerate(calls))
 
-    async def _count_prompt_tokens(self, job: proto.Job) -> JobResult:
+    async def _count_prompt_tokens(self, job: proto.Job, result: JobResult) -> None:
         """The prompt size exactly as a chat request would have it: rendered with the model's
         chat template (``/apply-template``), then tokenized the way the server tokenizes prompts
         (special tokens added and parsed)."""
-        headers = {"Authorization": f"Bearer {self._llama.api_key}"}
+        headers = self._headers()
         body = llama_request_body(job)
         for key in ("stream", "stream_options", "max_tokens"):
             body.pop(key, None)
@@ -888,10 +953,8 @@ class JobRunner:
         tokens = await self._post_json(
             "/tokenize", {"content": prompt.get("prompt", ""), "add_special": True, "parse_special": True}, headers
         )
-        result = JobResult()
         result.usage = {"prompt_tokens": len(tokens.get("tokens") or [])}
         result.finish_reason = "stop"
-        return result
 
     async def _post_json(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
         async with self._session.post(self._llama.base_url + path, data=orjson.dumps(body), headers=headers) as resp:
@@ -927,6 +990,8 @@ class JobRunner:
                 failure = LlamaHTTPError(500, llama_error_message(500, payload))
                 break
             apply_chunk(job, chunk, result, outgoing)
+        if outgoing:
+            result.sent_any = True
         for message in outgoing:  # what came before a failure still reaches the caller
             await self._send(message)
         if failure is not None:
@@ -1002,7 +1067,10 @@ def new_result(job: proto.Job) -> JobResult:
     raw text and pass through as they are."""
     if job.kind == "completion":
         return JobResult(parser=TextParser(extract_tools=False, split_think=False))
-    return JobResult(parser=TextParser(job.tools))
+    # with tool_choice "none" the caller wants no calls, whatever the model writes
+    return JobResult(
+        parser=TextParser(job.tools, extract_tools=bool(job.tools) and job.params.get("tool_choice") != "none")
+    )
 
 
 def add_token(outgoing: list[proto.Message], job: proto.Job, text: str, *, reasoning: bool) -> None:

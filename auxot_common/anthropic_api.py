@@ -947,8 +947,9 @@ class AnthropicStream:
     """
 
     __slots__ = (
-        "_block_count", "_delta_prefix", "_done", "_input_tokens", "_message_id", "_model", "_open",
-        "_open_index", "_saw_text", "_saw_thinking", "_stop_sequences", "_streamed_ids", "_tool_blocks",
+        "_block_count", "_delta_prefix", "_done", "_held", "_input_tokens", "_interleaved", "_live_tool",
+        "_message_id", "_model", "_open", "_open_index", "_saw_text", "_saw_thinking", "_stop_sequences",
+        "_streamed_ids", "_tool_blocks",
     )  # fmt: skip
 
     def __init__(
@@ -967,6 +968,11 @@ class AnthropicStream:
         self._saw_text = False
         self._saw_thinking = False
         self._done = False
+        # Anthropic allows one open block at a time, OpenAI tool-call fragments may interleave:
+        # one call streams live, others are held until it is clear the output is sequential.
+        self._live_tool: int | None = None
+        self._held: dict[int, _HeldCall] = {}
+        self._interleaved = False
 
     @property
     def finished(self) -> bool:
@@ -1005,7 +1011,7 @@ class AnthropicStream:
         kind = _THINKING if msg.reasoning else _TEXT
         if kind == self._open:
             return self._delta_prefix + orjson.dumps(text) + _DELTA_END
-        head = self._close_block()
+        head = self._flush_held() + self._close_block()
         index = self._new_block()
         if kind == _THINKING:
             self._saw_thinking = True
@@ -1025,21 +1031,48 @@ class AnthropicStream:
         out: list[bytes] = []
         for call in msg.tool_calls:
             index = call.get("index", 0)
-            prefix = self._tool_blocks.get(index)
             function = call.get("function") or {}
-            if prefix is None:
-                raw_id = call.get("id") or ""
-                if raw_id:
-                    self._streamed_ids.add(raw_id)
-                tool_id = tool_use_id(raw_id, self._message_id, index)
-                out.append(self._open_tool(tool_id, function.get("name") or ""))
-                prefix = self._tool_blocks[index] = self._delta_prefix
             arguments = function.get("arguments")
-            if arguments and isinstance(arguments, str):
-                # a fragment for a block that is already closed keeps its own index: the SDK's
-                # accumulator places it correctly
-                out.append(prefix + orjson.dumps(arguments) + _DELTA_END)
+            fragment = arguments if isinstance(arguments, str) else ""
+            if index == self._live_tool:
+                if self._held:
+                    self._interleaved = True  # the live call goes on after another started
+                out.append(self._tool_fragment(index, fragment))
+            elif index in self._held:
+                self._held[index].arguments.append(fragment)
+                if not self._interleaved and len(self._held) == 1 and len(self._held[index].arguments) > 1:
+                    out.append(self._promote(index))  # sequential after all: stream it live
+            elif self._live_tool is None and self._open != _TOOL:
+                out.append(self._start_live_tool(index, call.get("id") or "", function.get("name") or ""))
+                out.append(self._tool_fragment(index, fragment))
+            else:
+                self._held[index] = _HeldCall(call.get("id") or "", function.get("name") or "", [fragment])
         return b"".join(out)
+
+    def _start_live_tool(self, index: int, raw_id: str, name: str) -> bytes:
+        if raw_id:
+            self._streamed_ids.add(raw_id)
+        head = self._open_tool(tool_use_id(raw_id, self._message_id, index), name)
+        self._tool_blocks[index] = self._delta_prefix
+        self._live_tool = index
+        return head
+
+    def _tool_fragment(self, index: int, fragment: str) -> bytes:
+        return self._tool_blocks[index] + orjson.dumps(fragment) + _DELTA_END if fragment else b""
+
+    def _promote(self, index: int) -> bytes:
+        held = self._held.pop(index)
+        self._live_tool = None
+        out = self._close_block() + self._start_live_tool(index, held.raw_id, held.name)
+        return out + self._tool_fragment(index, "".join(held.arguments))
+
+    def _flush_held(self) -> bytes:
+        """Held calls, each as one whole block, once no live call needs the stream any more."""
+        out = b""
+        for index in sorted(self._held):
+            out += self._promote(index)
+        self._live_tool = None
+        return out
 
     def on_complete(self, msg: Complete) -> bytes:
         """Blocks the worker did not stream, the closing of the open block, ``message_delta``, ``message_stop``."""
@@ -1050,6 +1083,7 @@ class AnthropicStream:
             out.append(self.on_token(Token(msg.job_id, msg.reasoning_content, True)))
         if not self._saw_text and msg.full_response:
             out.append(self.on_token(Token(msg.job_id, msg.full_response)))
+        out.append(self._flush_held())
         streamed = len(self._tool_blocks)
         for position, call in enumerate(msg.tool_calls):
             raw_id = call.get("id") or ""
@@ -1114,6 +1148,13 @@ class AnthropicStream:
         if arguments:
             out += self._delta_prefix + orjson.dumps(arguments) + _DELTA_END
         return out
+
+
+@dataclass(slots=True)
+class _HeldCall:
+    raw_id: str
+    name: str
+    arguments: list[str]
 
 
 def tool_use_id(raw_id: str, message_id: str, position: int) -> str:

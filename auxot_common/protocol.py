@@ -168,6 +168,7 @@ class Error:
     job_id: str = ""
     details: str = ""
     status: int = 0
+    retryable: bool = False  # nothing reached the caller and another worker may succeed
     type: ClassVar[str] = "error"
     _always: ClassVar[frozenset[str]] = frozenset({"error"})
 

@@ -128,6 +128,14 @@ async def provide_binary(
     )
 
 
+def vram_report_gb(gpu: GpuInfo) -> float:
+    """``capabilities.vram_gb``: the FREE memory of all GPUs in GB (10^9 bytes, the registry's
+    unit) when the probe reports it (nvidia-smi, rocm-smi), else their total; 0 without a GPU.
+    Measured before llama-server loads, so it is what the model may use."""
+    mib = gpu.free_vram_mb or gpu.total_vram_mb
+    return round(mib * 1024 * 1024 / 1e9, 1)
+
+
 def dial_down_steps(parallel: int, ctx_per_slot: int, floor: int = MIN_DIAL_DOWN_CTX) -> list[tuple[int, int]]:
     """The (parallel, context per slot) settings to try, in order, when llama-server fails to
     start (out of memory): first fewer slots down to 1, then half the context per slot while it

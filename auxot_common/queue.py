@@ -108,6 +108,14 @@ class StreamQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    async def _regroup_if_lost(self, exc: ResponseError) -> None:
+        """A Redis restarted without persistence (or flushed) has lost the consumer group: create
+        it again, so that the instance heals by itself; re-raise any other error."""
+        if "NOGROUP" not in str(exc):
+            raise exc
+        log.warning("the job queue's consumer group is gone (Redis restarted empty?): creating it again")
+        await self.ensure_group()
+
     async def enqueue(self, job: Job, data: bytes) -> str:
         """Append a job (``data`` is its encoded message) and wake local readers."""
         entry_id = await self.redis.xadd(self.jobs_key, {"job_id": job.job_id, "data": data})
@@ -119,10 +127,17 @@ class StreamQueue:
         """Jobs waiting for a worker: entries not yet delivered to any instance."""
         if not self.shared:  # no other instance can add or take jobs: the count is exact locally
             return self._waiting
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(self.jobs_key)
-            pipe.xpending(self.jobs_key, GROUP)
-            length, pending = await pipe.execute()
+        for attempt in range(2):
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.xlen(self.jobs_key)
+                    pipe.xpending(self.jobs_key, GROUP)
+                    length, pending = await pipe.execute()
+                break
+            except ResponseError as exc:
+                if attempt:
+                    raise
+                await self._regroup_if_lost(exc)
         return max(int(length) - int(pending["pending"]), 0)
 
     async def read_jobs(self, count: int, timeout: float) -> list[JobEntry]:
@@ -138,9 +153,12 @@ class StreamQueue:
         return entries
 
     async def _xreadgroup(self, count: int, block_ms: int | None) -> list[JobEntry]:
-        reply: Any = await self.redis.xreadgroup(
-            GROUP, self.instance_id, {self.jobs_key: ">"}, count=count, block=block_ms
-        )
+        streams: dict[Any, Any] = {self.jobs_key: ">"}
+        try:
+            reply: Any = await self.redis.xreadgroup(GROUP, self.instance_id, streams, count=count, block=block_ms)
+        except ResponseError as exc:
+            await self._regroup_if_lost(exc)
+            reply = await self.redis.xreadgroup(GROUP, self.instance_id, streams, count=count, block=block_ms)
         entries = [_job_entry(entry_id, fields) for _, stream in reply or [] for entry_id, fields in stream]
         self._waiting = max(self._waiting - len(entries), 0)
         return entries
@@ -152,7 +170,10 @@ class StreamQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(self.jobs_key, GROUP, *entry_ids)
             pipe.xdel(self.jobs_key, *entry_ids)
-            await pipe.execute()
+            results = await pipe.execute(raise_on_error=False)
+        for result in results:  # NOGROUP: Redis lost the group and the entries with it; nothing to finish
+            if isinstance(result, Exception) and "NOGROUP" not in str(result):
+                raise result
 
     # --- cancellation ---------------------------------------------------------------------------
 
@@ -231,7 +252,11 @@ class StreamQueue:
         ``min_idle_s`` must be no smaller than the instance TTL: XCLAIM resets the idle time, so
         of two sweepers racing for one entry only the first gets it.
         """
-        summary = await self.redis.xpending(self.jobs_key, GROUP)
+        try:
+            summary = await self.redis.xpending(self.jobs_key, GROUP)
+        except ResponseError as exc:
+            await self._regroup_if_lost(exc)
+            return []  # a new group has nothing pending
         claimed: list[JobEntry] = []
         for consumer in summary.get("consumers") or []:
             name = _text(consumer["name"])

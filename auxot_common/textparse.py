@@ -69,12 +69,13 @@ def _partial_tag_len(text: str, tags: tuple[str, ...]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of one of ``tags``."""
     best = 0
     for tag in tags:
-        if tag[0] not in text[-(len(tag) - 1) :]:
-            continue
-        for n in range(min(len(tag) - 1, len(text)), best, -1):
-            if text.endswith(tag[:n]):
-                best = n
+        # the earliest start in the last len(tag)-1 characters that begins the tag wins
+        i = text.find(tag[0], max(0, len(text) - len(tag) + 1))
+        while i != -1:
+            if tag.startswith(text[i:]):
+                best = max(best, len(text) - i)
                 break
+            i = text.find(tag[0], i + 1)
     return best
 
 
@@ -176,7 +177,7 @@ class TextParser:
     :param split_think: route ``<think>…</think>`` in the content as reasoning.
     """
 
-    __slots__ = ("_content", "_in_think", "_lanes", "_pending", "_reasoning", "_split_think", "_tools")
+    __slots__ = ("_content", "_in_think", "_pending", "_reasoning", "_split_think", "_tools")
 
     def __init__(
         self, tools: list[JSONObject] | None = None, *, extract_tools: bool | None = None, split_think: bool = True

@@ -85,7 +85,7 @@ FULL_MESSAGES: list[Any] = [
         reasoning_tokens=3,
         logprobs={"content": [{"token": "Hel", "logprob": -0.1}]},
     ),
-    Error(error="boom", job_id="chatcmpl-1", details="more", status=400),
+    Error(error="boom", job_id="chatcmpl-1", details="more", status=400, retryable=True),
     PromptProgress(job_id="chatcmpl-1", total=100, cached=20, processed=50),
     HelloAck(success=True, gpu_id="9f0c", policy=FULL_POLICY, error="none"),
     HeartbeatAck(),

@@ -156,22 +156,27 @@ class WorkerProcess(Process):
         router: RouterProcess,
         log_dir: Path,
         *,
-        model: Path,
-        llama: Path,
+        model: Path | None,
+        llama: Path | None,
         name: str = "worker",
         gpu_key: str | None = None,
+        flags: list[str] | None = None,
         **settings: str,
     ) -> None:
+        """``model`` / ``llama`` None: no ``--model-path`` / ``--llama-server-path`` (the worker
+        downloads them); ``flags`` are appended to the command line."""
         env = base_env(**{"AUXOT_LOG_LEVEL": "debug", "AUXOT_HEARTBEAT_INTERVAL": "1s", **settings})
         args = [
             sys.executable,
             str(REPO / "auxot_worker.py"),
             "--gpu-key", gpu_key if gpu_key is not None else router.keys.gpu_key,
             "--router-url", router.ws_url,
-            "--model-path", str(model),
-            "--llama-server-path", str(llama),
         ]  # fmt: skip
-        super().__init__(args, env, log_dir / f"{name}.log")
+        if model is not None:
+            args += ["--model-path", str(model)]
+        if llama is not None:
+            args += ["--llama-server-path", str(llama)]
+        super().__init__(args + list(flags or []), env, log_dir / f"{name}.log")
 
     def llama_children(self) -> list[int]:
         """PIDs of this worker's child processes (its llama-server)."""

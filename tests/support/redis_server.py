@@ -21,6 +21,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from tests.support.llama_server import free_port
 
@@ -147,8 +148,8 @@ def _encode(args: tuple[str | bytes | int, ...]) -> bytes:
     return b"".join(out)
 
 
-def _read_reply(reader) -> bytes | int | list[object] | None:  # type: ignore[no-untyped-def]
-    line = reader.readline()
+def _read_reply(reader: BinaryIO) -> bytes | int | list[object] | None:
+    line: bytes = reader.readline()
     if not line:
         raise ConnectionError("redis closed the connection")
     kind, rest = line[:1], line[1:-2]

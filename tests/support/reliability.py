@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -246,19 +247,37 @@ class OpenStream:
 # --- process faults ---------------------------------------------------------------------------
 
 
+def process_identity(pid: int) -> tuple[int, str] | None:
+    """(pid, start time in clock ticks since boot): tells a process from a later one that got the
+    same PID (PIDs are recycled quickly on a busy machine with pid_max 32768)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return pid, fields[19]  # field 22 of stat: starttime (fields[0] is field 3, the state)
+
+
+def kill_if_same(identity: tuple[int, str] | None, sig: int = signal.SIGKILL) -> None:
+    """Signal the process only if it is still the one identified earlier."""
+    if identity is not None and process_identity(identity[0]) == identity and pid_alive(identity[0]):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(identity[0], sig)
+
+
 class Reaper:
-    """Remembers processes a test orphaned (the llama-server of a SIGKILLed worker) and kills
-    them at the end, and resumes SIGSTOPped ones so that they can be stopped."""
+    """Kills what a test orphaned (the llama-server of a SIGKILLed worker, should it survive its
+    parent) at the end, and resumes SIGSTOPped workers so that they can be stopped. Processes
+    are remembered by PID and start time, so a recycled PID is never signalled."""
 
     def __init__(self) -> None:
-        self.orphans: list[int] = []
+        self.orphans: list[tuple[int, str] | None] = []
         self.stopped: list[int] = []
 
     def kill_worker(self, worker: WorkerProcess) -> list[int]:
-        """SIGKILL the worker process only; its llama-server is left as an orphan (as in a
-        crash) and reaped at the end of the test. Returns the llama-server PIDs."""
+        """SIGKILL the worker process only (as a crash would). Returns its llama-server PIDs."""
         children = worker.llama_children()
-        self.orphans += children
+        self.orphans += [process_identity(pid) for pid in children]
         worker.signal(signal.SIGKILL)
         worker.wait(10)
         return children
@@ -267,11 +286,11 @@ class Reaper:
         """SIGKILL the worker's llama-server (the worker keeps running)."""
         children = worker.llama_children()
         for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            kill_if_same(process_identity(pid))
         return children
 
     def stop(self, pid: int) -> None:
+        """SIGSTOP one of our own (unreaped) child processes."""
         os.kill(pid, signal.SIGSTOP)
         self.stopped.append(pid)
 
@@ -285,10 +304,8 @@ class Reaper:
         for pid in self.stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-        for pid in self.orphans:
-            if pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        for identity in self.orphans:
+            kill_if_same(identity)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -326,3 +343,27 @@ def running_on(workers: list[WorkerProcess]) -> WorkerProcess | None:
 
 def started_counts(workers: list[WorkerProcess]) -> list[int]:
     return [w.fake_stats()["requests_started"] for w in workers]
+
+
+def start_workers(
+    cluster: Any, router: RouterProcess, count: int, name: str = "worker", **settings: str
+) -> list[WorkerProcess]:
+    """Start ``count`` workers at once (not one after another) and wait until all are connected."""
+    before = router.health().get("workers", 0)
+    workers = [cluster.worker(router, name=f"{name}{i}", wait=False, **settings) for i in range(count)]
+    router.wait_workers(before + count, timeout=30)
+    return workers
+
+
+def llama_get(worker: WorkerProcess, path: str) -> Any:
+    """GET a path of the worker's llama-server, with the API key the worker gave it."""
+    from tests.support import http
+
+    for pid in worker.llama_children():
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"--port" in args:
+            port = int(args[args.index(b"--port") + 1])
+            key = args[args.index(b"--api-key") + 1].decode() if b"--api-key" in args else ""
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return orjson.loads(http.get(f"http://127.0.0.1:{port}{path}", headers=headers, timeout=5).body)
+    raise RuntimeError("the worker has no llama-server child")
