@@ -192,6 +192,7 @@ class WorkerConnection:
     ws: web.WebSocketResponse
     capabilities: proto.Capabilities
     slots: int
+    policy: proto.Policy | None = None  # the policy this worker was last given
     running: dict[str, RunningJob] = field(default_factory=dict)
     side_jobs: set[str] = field(default_factory=set)  # slot-free jobs (tokenize) awaiting an answer
     connected_at: float = field(default_factory=time.time)
@@ -600,6 +601,32 @@ class Router:
                 await self._stop_on_worker(found[0], message.job_id)
         elif not self.tracker.deliver(message) and isinstance(message, proto.Dispatched):
             self.relay.send(message.instance_id, proto.encode(proto.Cancel(message.job_id)))
+
+    async def reload(self, env: dict[str, str]) -> None:
+        """SIGHUP: re-read the model settings and send workers whose policy changed a
+        ``policy_update`` (they download, restart llama-server and re-announce their slots)."""
+        try:
+            fresh = RouterConfig.from_env(env)
+            resolution = fresh.resolve()
+        except ConfigError as exc:
+            log.error("reload refused: the new configuration is invalid", extra={"error": str(exc)})
+            return
+        config = self.config
+        config.model, config.quantization = fresh.model, fresh.quantization
+        config.ctx_size, config.max_parallel, config.registry_file = (
+            fresh.ctx_size,
+            fresh.max_parallel,
+            fresh.registry_file,
+        )
+        self.resolution, self.policy, self.model_name = resolution, policy_from(resolution), resolution.model_name
+        log.info("configuration reloaded", extra={"model": self.model_name, "parallel": config.max_parallel})
+        for worker in list(self.pool.workers.values()):
+            policy = self.policy_for(worker.capabilities)
+            if policy != worker.policy:
+                worker.policy = policy
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await worker.send(proto.PolicyUpdate(policy=policy))
+                log.info("policy update sent", extra={"worker_id": worker.worker_id, "model": policy.model_name})
 
     def policy_for(self, caps: proto.Capabilities) -> proto.Policy:
         """The policy for one worker: with AUXOT_QUANTIZATION=auto, the best quantization that
@@ -1103,7 +1130,9 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         await ws.close()
         return ws
     slots = hello.capabilities.total_slots or router.policy.max_parallelism
-    worker = WorkerConnection(worker_id=worker_id, ws=ws, capabilities=hello.capabilities, slots=slots)
+    worker = WorkerConnection(
+        worker_id=worker_id, ws=ws, capabilities=hello.capabilities, slots=slots, policy=ack.policy
+    )
     await serve_worker(router, worker)
     return ws
 
@@ -1393,6 +1422,14 @@ async def serve(config: RouterConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(app[ROUTER].reload(load_environment()))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
     log.info("shutdown signal received: draining", extra={"grace_s": config.shutdown_grace})
     await site.stop()  # before runner.cleanup(), which would also close the worker sockets

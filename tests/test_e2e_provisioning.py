@@ -361,3 +361,28 @@ def test_backend_url_serves_with_a_running_server(fake_cluster: Cluster, tmp_pat
         assert worker.llama_children() == []
         assert not (tmp_path / "home" / ".auxot").exists()
     wait_for(lambda: router.health()["total_slots"] == 0, 15, "zero slots once the backend is gone")
+
+
+def test_sighup_reload_sends_policy_update_and_the_worker_applies_it(fake_cluster: Cluster) -> None:
+    """Changing the router's settings and sending SIGHUP reaches connected workers as a
+    policy_update: the worker restarts its llama-server with the new slots and re-announces."""
+    env_file = fake_cluster.log_dir / ".env"
+    env_file.write_text("AUXOT_MAX_PARALLEL=2\n")
+    router = fake_cluster.router()
+    fake_cluster.worker(router)
+    assert router.health()["total_slots"] == 2
+    env_file.write_text("AUXOT_MAX_PARALLEL=3\n")
+    router.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while router.health()["total_slots"] != 3:
+        assert time.monotonic() < deadline, router.log()[-2000:]
+        time.sleep(0.1)
+    assert "policy update sent" in router.log()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert http.post(f"{router.url}/v1/chat/completions", body, headers=router.headers()).status == 200
+
+    env_file.write_text("AUXOT_MODEL=no-such-model-anywhere\n")  # an invalid reload changes nothing
+    router.signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert router.alive() and router.health()["total_slots"] == 3
+    assert "reload refused" in router.log()
