@@ -238,7 +238,8 @@ class WorkerPool:
         return sum(max(w.free, 0) for w in self.workers.values())
 
     def least_busy(self) -> WorkerConnection | None:
-        best = max(self.workers.values(), key=lambda w: (w.free, -len(w.running)), default=None)
+        open_workers = (w for w in self.workers.values() if not w.ws.closed)
+        best = max(open_workers, key=lambda w: (w.free, -len(w.running)), default=None)
         return best if best is not None and best.free > 0 else None
 
     def find_job(self, job_id: str) -> tuple[WorkerConnection, RunningJob] | None:
@@ -441,6 +442,7 @@ class Router:
         self.model_name = self.resolution.model_name
         self.backlog: deque[tuple[str, proto.Job]] = deque()
         self.draining = False
+        self.unacked: list[str] = []  # finished entries whose XACK failed (Redis away)
         self.in_flight = 0
         self.started = int(time.time())
 
@@ -476,7 +478,12 @@ class Router:
             else:
                 jobs.append((entry_id, job))
         remote = [job.job_id for _, job in jobs if job.reply_to != self.instance_id]
-        cancelled = await self.queue.cancelled(remote) if remote else set()
+        cancelled: set[str] = set()
+        if remote:
+            try:
+                cancelled = await self.queue.cancelled(remote)
+            except RedisError:  # run them: a job run for nobody costs less than one lost
+                log.warning("could not check cancellations", extra={"jobs": len(remote)})
         now = time.time()
         for entry_id, job in jobs:
             gone = job.job_id in cancelled or (
@@ -487,7 +494,7 @@ class Router:
             else:
                 self.backlog.append((entry_id, job))
         if drop:
-            await self.queue.ack(drop)
+            await self.ack(drop)
         await self._dispatch_backlog()
 
     async def _dispatch_backlog(self) -> None:
@@ -500,7 +507,10 @@ class Router:
             try:
                 await worker.send(job)
             except (ConnectionError, RuntimeError):
+                # its socket is closing and its handler has not noticed yet: never pick it again
+                # (the handler's cleanup hands its other jobs back), keep the job for another
                 worker.running.pop(job.job_id, None)
+                self.pool.remove(worker)
                 self.backlog.appendleft((entry_id, job))
                 continue
             log.debug("job dispatched", extra={"job_id": job.job_id, "worker_id": worker.worker_id})
@@ -532,12 +542,14 @@ class Router:
                     self.route(running.job.reply_to, proto.WorkerLost(message.job_id, message.error))
                 else:
                     self.route(running.job.reply_to, message, raw)
-                await self.queue.ack([running.entry_id])
+                await self.ack([running.entry_id])
         elif isinstance(message, proto.Heartbeat):
-            await self.queue.beat_worker(
-                worker.worker_id, worker.info(self.instance_id), self.config.dead_worker_timeout
-            )
             await worker.send(proto.HeartbeatAck())
+            try:  # a Redis outage must not drop a worker whose tokens need no Redis
+                info = worker.info(self.instance_id)
+                await self.queue.beat_worker(worker.worker_id, info, self.config.dead_worker_timeout)
+            except RedisError as exc:
+                log.warning("could not record a heartbeat", extra={"worker_id": worker.worker_id, "error": str(exc)})
         elif isinstance(message, proto.Config):
             worker.capabilities = message.capabilities
             if message.capabilities.draining:
@@ -551,6 +563,17 @@ class Router:
         else:
             log.warning("unexpected message from worker", extra={"worker_id": worker.worker_id, "type": message.type})
 
+    async def ack(self, entry_ids: list[str]) -> None:
+        """Finish queue entries; if Redis is away, remember them and try again later."""
+        try:
+            await self.queue.ack(self.unacked + entry_ids)
+            self.unacked = []
+        except RedisError as exc:
+            self.unacked.extend(entry_ids)
+            log.warning(
+                "could not acknowledge jobs; will retry", extra={"entries": len(self.unacked), "error": str(exc)}
+            )
+
     async def _stop_on_worker(self, worker: WorkerConnection, job_id: str) -> None:
         running = worker.running.pop(job_id, None)
         if running is None:
@@ -558,7 +581,7 @@ class Router:
         self.pool.capacity_changed.set()
         with contextlib.suppress(ConnectionError, RuntimeError):
             await worker.send(proto.Cancel(job_id))
-        await self.queue.ack([running.entry_id])
+        await self.ack([running.entry_id])
 
     async def worker_gone(self, worker: WorkerConnection, reason: str) -> None:
         """A worker's socket closed: its running jobs go back to their owners to retry or fail."""
@@ -567,7 +590,7 @@ class Router:
         worker.running.clear()
         with contextlib.suppress(RedisError):
             await self.queue.drop_worker(worker.worker_id)
-            await self.queue.ack([r.entry_id for r in lost])
+        await self.ack([r.entry_id for r in lost])
         for running in lost:
             self.route(running.job.reply_to, proto.WorkerLost(running.job.job_id, reason))
         if lost:
@@ -1206,6 +1229,8 @@ async def liveness(router: Router) -> None:
     while True:
         try:
             await router.queue.beat_instance(config.dead_worker_timeout)
+            if router.unacked:
+                await router.ack([])
             if time.monotonic() - last_sweep >= config.sweep_interval:
                 last_sweep = time.monotonic()
                 await reclaim(router)
@@ -1253,8 +1278,13 @@ async def drain(router: Router) -> None:
     """
     router.draining = True
     deadline = time.monotonic() + router.config.shutdown_grace
-    while router.tracker.handles and time.monotonic() < deadline:
+
+    def busy() -> bool:  # its own callers, and jobs its workers run for other routers' callers
+        return bool(router.tracker.handles) or any(w.running for w in router.pool.workers.values())
+
+    while busy() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    await router.relay.close()  # the last relayed tokens reach their routers
 
 
 async def close_worker_sockets(app: web.Application) -> None:

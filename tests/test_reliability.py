@@ -335,7 +335,7 @@ async def test_workers_reconnect_after_a_router_restart(fake_cluster: Cluster, s
     start_workers(fake_cluster, router, 2, AUXOT_RECONNECT_DELAY="0.2s", AUXOT_RECONNECT_MAX_DELAY="1s")
     router.signal(signal.SIGKILL)
     router.wait(10)
-    time.sleep(1.5)  # the workers retry against a closed port meanwhile (backoff grows)
+    time.sleep(0.7)  # the workers retry against a closed port meanwhile (backoff grows)
 
     again = RouterProcess(router.keys, fake_cluster.log_dir, name="router-again", port=router.port)
     fake_cluster.processes.append(again)
@@ -383,7 +383,7 @@ def test_a_worker_socket_dying_at_dispatch_does_not_hang_the_router(keys: Keys) 
     try:
         out = subprocess.run(
             [sys.executable, "-c", DEAD_SOCKET_SCRIPT, keys.api_hash],
-            capture_output=True, text=True, timeout=15, cwd=REPO, check=False,
+            capture_output=True, text=True, timeout=8, cwd=REPO, check=False,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         pytest.fail("Router._dispatch_backlog spins forever on a worker whose socket is closing")

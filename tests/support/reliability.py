@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -367,3 +368,35 @@ def llama_get(worker: WorkerProcess, path: str) -> Any:
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             return orjson.loads(http.get(f"http://127.0.0.1:{port}{path}", headers=headers, timeout=5).body)
     raise RuntimeError("the worker has no llama-server child")
+
+
+def start_routers(cluster: Any, names: list[str], **settings: str) -> list[RouterProcess]:
+    """Start several routers at once (same settings) and wait until each answers /health."""
+    from tests.support.procs import Process
+
+    routers = [cluster.router(name, start=False, **settings) for name in names]
+    for router in routers:
+        Process.start(router)  # the process only; the readiness wait below covers all of them
+    for router in routers:
+        wait_for(functools.partial(_answers, router), 20, f"{router.log_path.name} to answer /health")
+    return routers
+
+
+def _answers(router: RouterProcess) -> bool:
+    if not router.alive():
+        raise RuntimeError(f"router exited early:\n{router.log()[-3000:]}")
+    try:
+        router.health()
+    except OSError:
+        return False
+    return True
+
+
+def start_workers_on(cluster: Any, specs: list[tuple[RouterProcess, str, dict[str, str]]]) -> list[WorkerProcess]:
+    """Start workers on several routers sharing one Redis at once; wait until the cluster (as
+    the first router's /health sees it) has them all."""
+    first = specs[0][0]
+    before = first.health().get("workers", 0)
+    workers = [cluster.worker(router, name, wait=False, **settings) for router, name, settings in specs]
+    first.wait_workers(before + len(specs), timeout=30)
+    return workers
