@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import Cluster
 from tests.support import http
 from tests.support.llama_server import LlamaServer
-from tests.support.procs import REPO, pid_alive
+from tests.support.procs import REPO, WorkerProcess, pid_alive
 
 PROMPT = [{"role": "user", "content": "Say something."}]
 
@@ -269,13 +269,18 @@ def test_wrong_api_key_is_401(fake_cluster: Cluster) -> None:
 
 def test_wrong_gpu_key_makes_the_worker_exit(fake_cluster: Cluster) -> None:
     router = fake_cluster.router()
-    worker = fake_cluster.worker(router, wait=False)
-    worker_bad = fake_cluster.worker(router, name="bad-worker", wait=False)
-    worker.stop()
-    worker_bad.args[worker_bad.args.index("--gpu-key") + 1] = router.keys.api_key  # an API key is no GPU key
-    worker_bad.start()
-    assert worker_bad.wait(timeout=20) != 0
-    assert "invalid GPU key" in worker_bad.log()
+    bad = WorkerProcess(  # an API key is no GPU key
+        router,
+        fake_cluster.log_dir,
+        model=fake_cluster.model,
+        llama=fake_cluster.llama,
+        name="bad-worker",
+        gpu_key=router.keys.api_key,
+    )
+    fake_cluster.processes.append(bad)
+    bad.start()
+    assert bad.wait(timeout=20) != 0
+    assert "invalid GPU key" in bad.log()
     assert router.health()["workers"] == 0
 
 
