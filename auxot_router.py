@@ -30,6 +30,8 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import WSMsgType, web
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from auxot_common import anthropic_api as anthropic
@@ -1364,7 +1366,15 @@ def connect_redis(url: str) -> tuple[Redis, bool]:
         import fakeredis
 
         return fakeredis.FakeAsyncRedis(), False
-    client: Redis = Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10, health_check_interval=15)
+    # from_url gives connections no retry: after a Redis restart each pooled connection would fail
+    # one request. A short, bounded retry reconnects them; a Redis that is down still fails fast.
+    client: Redis = Redis.from_url(
+        url,
+        socket_connect_timeout=3,
+        socket_timeout=10,
+        health_check_interval=15,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3),
+    )
     return client, True
 
 

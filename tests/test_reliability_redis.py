@@ -106,10 +106,10 @@ async def test_redis_outage_is_a_quick_503_and_the_router_heals(
     Redis comes back): the router serves again by itself, and once it serves, it serves every
     caller (no stragglers failing on connections that died with the old Redis)."""
     server = make_redis(appendonly=persistent)
-    router = fake_cluster.router(AUXOT_REDIS_URL=server.url, AUXOT_MAX_PARALLEL="8")
+    router = fake_cluster.router(AUXOT_REDIS_URL=server.url, AUXOT_MAX_PARALLEL="16")
     fake_cluster.worker(router)
     caller = Caller(router, session)
-    busy = await asyncio.gather(*(caller.call(chat_body(stream=s, max_tokens=2)) for s in (True, False) * 4))
+    busy = await asyncio.gather(*(caller.call(chat_body(stream=s, max_tokens=2)) for s in (True, False) * 8))
     assert all(r.text == TOKEN * 2 for r in busy)  # (the router's Redis pool now holds several connections)
 
     server.kill()
@@ -139,8 +139,8 @@ async def test_redis_outage_is_a_quick_503_and_the_router_heals(
     while not await served():
         assert time.monotonic() - healed < 15, router.log()[-3000:]
         await asyncio.sleep(0.2)
-    replies = await asyncio.gather(*(caller.call(chat_body(stream=s, max_tokens=3)) for s in (True, False) * 4))
-    assert [r.status for r in replies] == [200] * 8, [r.raw[:150] for r in replies if r.status != 200]
+    replies = await asyncio.gather(*(caller.call(chat_body(stream=s, max_tokens=3)) for s in (True, False) * 8))
+    assert [r.status for r in replies] == [200] * 16, [r.raw[:150] for r in replies if r.status != 200]
     assert all(r.text == TOKEN * 3 for r in replies)
     assert router.health()["queue_depth"] == 0
 

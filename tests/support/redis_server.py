@@ -92,7 +92,7 @@ class RedisServer:
             try:
                 if self.command("PING") == b"+PONG":
                     return True
-            except OSError:
+            except (OSError, RuntimeError):  # not listening yet, or "-LOADING" the AOF
                 pass
             time.sleep(0.02)
         return False
