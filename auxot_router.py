@@ -295,7 +295,6 @@ class QueueFullError(Exception):
 @dataclass(slots=True, eq=False)
 class JobHandle:
     job: proto.Job
-    arrived: float
     deadline: float
     events: EventChannel = field(default_factory=EventChannel)
     last_yield: float = field(default_factory=time.monotonic)
@@ -325,7 +324,7 @@ class JobTracker:
         now = time.time()
         job.reply_to = router.instance_id
         job.deadline = now + router.config.job_timeout
-        handle = JobHandle(job=job, arrived=now, deadline=job.deadline)
+        handle = JobHandle(job=job, deadline=job.deadline)
         self.handles[job.job_id] = handle
         try:
             await router.queue.enqueue(job, proto.encode(job))
@@ -679,7 +678,7 @@ class Router:
             return None
         worker = workers[0]
         job.reply_to = self.instance_id
-        handle = JobHandle(job=job, arrived=time.time(), deadline=time.time() + timeout)
+        handle = JobHandle(job=job, deadline=time.time() + timeout)
         self.tracker.handles[job.job_id] = handle
         worker.side_jobs.add(job.job_id)
         try:
@@ -743,19 +742,6 @@ def is_anthropic(request: web.Request) -> bool:
     return path.startswith("/v1/models") and ("anthropic-version" in request.headers or "x-api-key" in request.headers)
 
 
-_ANTHROPIC_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    501: "not_implemented_error",
-    503: "overloaded_error",
-    504: "api_error",
-    529: "overloaded_error",
-}
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -771,12 +757,7 @@ def error_response(request: web.Request, status: int, message: str, *, retry_aft
     """An error in the shape of the API the request was for."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     if is_anthropic(request):
-        kind = _ANTHROPIC_TYPES.get(status, "api_error")
-        body = {
-            "type": "error",
-            "error": {"type": kind, "message": message},
-            "request_id": f"req_{secrets.token_hex(12)}",
-        }
+        body = anthropic.error_body(anthropic.error_type_for_status(status), message)
     else:
         body = error_body(message, _OPENAI_TYPES.get(status, "server_error"))
     return web.json_response(body, status=status, headers=headers, dumps=_dumps)

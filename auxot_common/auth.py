@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import hmac
 import secrets
 import time
 from collections import OrderedDict
@@ -166,7 +165,3 @@ class KeyVerifier:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def constant_time_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())

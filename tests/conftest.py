@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from auxot_common.auth import API_KEY_PREFIX, GPU_KEY_PREFIX, generate_key, hash_key
 from tests.support.llama_server import llama_server_binary
 from tests.support.procs import FAKE_LLAMA, Keys, RouterProcess, WorkerProcess
+from tests.support.reliability import Reaper
 from tests.support.tiny_model import make_tiny_model
 
 
@@ -27,6 +29,21 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def llama_binary() -> Path:
     return llama_server_binary()
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    """Processes a reliability test signals; cleaned up whatever the test did."""
+    r = Reaper()
+    yield r
+    r.cleanup()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session with a fresh connection per request (no pooled connection survives a kill)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from auxot_common.auth import (
     FailureLimiter,
     KeyVerifier,
     NamedHash,
-    constant_time_equal,
     generate_key,
     hash_key,
     parse_hashes,
@@ -130,12 +129,6 @@ def test_verify_hash_with_a_corrupted_digest_is_false(alice: KeyPair) -> None:
     head, digest = alice.phc.rsplit("$", 1)
     flipped = ("B" if digest[0] == "A" else "A") + digest[1:]
     assert verify_hash(f"{head}${flipped}", alice.key) is False
-
-
-def test_constant_time_equal() -> None:
-    assert constant_time_equal("abc", "abc")
-    assert not constant_time_equal("abc", "abd")
-    assert not constant_time_equal("abc", "abcd")
 
 
 # --- parse_hashes -----------------------------------------------------------------------------------

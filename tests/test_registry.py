@@ -40,9 +40,6 @@ def _load_generator() -> ModuleType:
 gen = _load_generator()
 OLD = gen.find_input(gen.OLD_NAME)
 NEW = gen.find_input(gen.NEW_NAME)
-needs_data = pytest.mark.skipif(
-    not (OLD.is_file() and NEW.is_file()), reason="registry snapshots not available"
-)
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +68,12 @@ def _entry(quant: str, **over: Any) -> RegistryEntry:
 # --- generator --------------------------------------------------------------------------------
 
 
-@needs_data
 def test_generation_is_deterministic_and_committed_file_is_current() -> None:
     first = gen.generate(OLD, NEW)
     assert first == gen.generate(OLD, NEW)
     assert (REPO / "registry.json").read_bytes() == first, "run scripts/gen_registry.py"
 
 
-@needs_data
 def test_generator_check_mode(tmp_path: Path) -> None:
     out = tmp_path / "registry.json"
     args = ["--old", str(OLD), "--new", str(NEW), "--out", str(out)]
@@ -88,7 +83,6 @@ def test_generator_check_mode(tmp_path: Path) -> None:
     assert gen.main([*args, "--check"]) == 1
 
 
-@needs_data
 def test_generated_file_is_one_entry_per_line() -> None:
     lines = (REPO / "registry.json").read_bytes().splitlines()
     entry_lines = [line for line in lines if line.startswith(b'{"id":')]
@@ -98,18 +92,19 @@ def test_generated_file_is_one_entry_per_line() -> None:
 
 def test_merge_rules_on_synthetic_snapshots() -> None:
     def e(entry_id: str, tag: str, file_name: str = "x.gguf") -> dict[str, Any]:
-        return {"id": entry_id, "model_name": entry_id, "huggingface_id": "o/r", "tag": tag,
-                "file_name": file_name}
+        return {"id": entry_id, "model_name": entry_id, "huggingface_id": "o/r", "tag": tag, "file_name": file_name}
 
-    old: dict[str, Any] = {"version": "0.1.0", "generated_at": "old", "models": [
-        e("a", "old"), e("b", "old"), e("p", "old", "mmproj-F32.gguf"), e("c", "old")]}
+    old: dict[str, Any] = {
+        "version": "0.1.0",
+        "generated_at": "old",
+        "models": [e("a", "old"), e("b", "old"), e("p", "old", "mmproj-F32.gguf"), e("c", "old")],
+    }
     d, b = e("d", "new"), e("b", "new")
     d["formats"] = [{"type": "gguf", "huggingface_id": "o/r", "file_name": "x.gguf"}]
     b["formats"] = [{"type": "safetensors"}]
     new: dict[str, Any] = {"version": "0.2.0", "generated_at": "new", "models": [d, b]}
     merged = gen.merge(old, new)
-    assert [(m["id"], m["tag"]) for m in merged["models"]] == [
-        ("d", "new"), ("b", "new"), ("a", "old"), ("c", "old")]
+    assert [(m["id"], m["tag"]) for m in merged["models"]] == [("d", "new"), ("b", "new"), ("a", "old"), ("c", "old")]
     assert "formats" not in merged["models"][0]  # redundant copy dropped
     assert merged["models"][1]["formats"] == [{"type": "safetensors"}]  # informative kept
     assert (merged["version"], merged["generated_at"]) == ("0.2.0", "new")
@@ -117,7 +112,6 @@ def test_merge_rules_on_synthetic_snapshots() -> None:
     assert gen.render(merged) == gen.render(gen.merge(old, new))
 
 
-@needs_data
 def test_union_newer_wins(registry: Registry) -> None:
     old = orjson.loads(OLD.read_bytes())
     new = orjson.loads(NEW.read_bytes())
@@ -144,9 +138,23 @@ def test_load_embedded_and_override(tmp_path: Path, registry: Registry) -> None:
     assert len(registry.models) > 100
     assert reg.load_registry("") is registry  # cached
     path = tmp_path / "mine.json"
-    path.write_bytes(orjson.dumps({"version": "9", "models": [
-        {"id": "x-q4-k-s", "model_name": "X", "huggingface_id": "o/X", "quantization": "Q4_K_S",
-         "file_name": "X.gguf", "vram_requirements_gb": 1}]}))
+    path.write_bytes(
+        orjson.dumps(
+            {
+                "version": "9",
+                "models": [
+                    {
+                        "id": "x-q4-k-s",
+                        "model_name": "X",
+                        "huggingface_id": "o/X",
+                        "quantization": "Q4_K_S",
+                        "file_name": "X.gguf",
+                        "vram_requirements_gb": 1,
+                    }
+                ],
+            }
+        )
+    )
     mine = reg.load_registry(str(path))
     assert (mine.version, mine.source, mine.model_names()) == ("9", str(path), ["X"])
 
@@ -174,8 +182,7 @@ def test_load_missing_file(tmp_path: Path) -> None:
 
 def test_zipapp_loads_embedded_registry(tmp_path: Path, registry: Registry) -> None:
     src = tmp_path / "app"
-    shutil.copytree(REPO / "auxot_common", src / "auxot_common",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "auxot_common", src / "auxot_common", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "registry.json", src / "registry.json")
     (src / "__main__.py").write_text(
         "from auxot_common.registry import load_registry, read_embedded_registry\n"
@@ -185,8 +192,7 @@ def test_zipapp_loads_embedded_registry(tmp_path: Path, registry: Registry) -> N
     )
     target = tmp_path / "auxot.pyz"
     zipapp.create_archive(src, target)
-    run = subprocess.run([sys.executable, str(target)], capture_output=True, text=True,
-                         check=False, cwd=tmp_path)
+    run = subprocess.run([sys.executable, str(target)], capture_output=True, text=True, check=False, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     count, size = run.stdout.split()
     assert int(count) == len(registry.models)
@@ -273,9 +279,7 @@ def test_not_found_substring_suggestions_capped(registry: Registry) -> None:
     assert lines[-1] == "Run 'auxot-router models' for the full list of available models."
 
 
-@pytest.mark.parametrize(
-    "typo", ["Qwen3-Coder-30B-A3", "qwen3 coder 30b", "Qwen3-Codr-30B-A3B", "QWEN3_CODER_30B_A3B"]
-)
+@pytest.mark.parametrize("typo", ["Qwen3-Coder-30B-A3", "qwen3 coder 30b", "Qwen3-Codr-30B-A3B", "QWEN3_CODER_30B_A3B"])
 def test_did_you_mean_for_typos(registry: Registry, typo: str) -> None:
     with pytest.raises(ModelNotFoundError) as info:
         reg.resolve_entry(registry, typo)
@@ -308,8 +312,7 @@ def test_split_files_from_registry(registry: Registry) -> None:
 
 def test_split_files_edge_cases() -> None:
     assert reg.split_files("Model-Q4_K_S.gguf") == ["Model-Q4_K_S.gguf"]
-    assert reg.split_files("M-00001-of-00002.gguf") == ["M-00001-of-00002.gguf",
-                                                        "M-00002-of-00002.gguf"]
+    assert reg.split_files("M-00001-of-00002.gguf") == ["M-00001-of-00002.gguf", "M-00002-of-00002.gguf"]
     assert reg.split_files("a/M-1-of-2.gguf") == ["a/M-1-of-2.gguf"]  # not 5 digits
 
 
@@ -341,8 +344,7 @@ def test_resolve_model_context_rules(registry: Registry) -> None:
 
 
 def test_resolve_model_warns_when_explicit_choice_is_too_big(registry: Registry) -> None:
-    res = reg.resolve_model(registry, "Qwen3-Coder-30B-A3B", "F16", context_size=32768,
-                            vram_total_gb=24)
+    res = reg.resolve_model(registry, "Qwen3-Coder-30B-A3B", "F16", context_size=32768, vram_total_gb=24)
     assert res.quantization == "F16"
     assert "24.0 GB VRAM is available" in res.warning
 
@@ -361,9 +363,9 @@ def test_kv_cache_calibration(registry: Registry) -> None:
 
 def test_kv_cache_fallback_formula() -> None:
     dense = reg.kv_cache_bytes(_entry("Q4_K_S", model_name="Unknown-8B"), 1, 1) / 1024
-    moe = reg.kv_cache_bytes(
-        _entry("Q4_K_S", model_name="Unknown-30B-A3B", family="MoE", parameters="31B"), 1, 1
-    ) / 1024
+    moe = (
+        reg.kv_cache_bytes(_entry("Q4_K_S", model_name="Unknown-30B-A3B", family="MoE", parameters="31B"), 1, 1) / 1024
+    )
     assert dense == pytest.approx(128, rel=0.05)
     assert moe == pytest.approx(96, rel=0.15)
 
@@ -396,9 +398,11 @@ def test_auto_quantization_depends_on_vram(registry: Registry) -> None:
     assert (small.warning, big.warning) == ("", "")
     assert small.quantization in ("Q3_K_S", "Q4_K_S")
     assert big.quantization == "F16"
-    assert small.estimate.total_gb <= 24 < reg.pick_quantization(
-        variants, vram_total_gb=80, context_size=32768, parallel=2
-    ).estimate.total_gb
+    assert (
+        small.estimate.total_gb
+        <= 24
+        < reg.pick_quantization(variants, vram_total_gb=80, context_size=32768, parallel=2).estimate.total_gb
+    )
     mid = reg.pick_quantization(variants, vram_total_gb=40, context_size=32768, parallel=2)
     ranks = [reg.quality_rank(c.quantization) for c in (big, mid, small)]
     assert ranks == sorted(ranks)
@@ -434,13 +438,13 @@ def test_auto_never_picks_f32() -> None:
 
 
 def test_resolve_model_auto_per_worker(registry: Registry) -> None:
-    small = reg.resolve_model(registry, "Qwen3-Coder-30B-A3B", "auto", context_size=32768,
-                              vram_total_gb=24)
-    big = reg.resolve_model(registry, "Qwen3-Coder-30B-A3B", "auto", context_size=32768,
-                            vram_total_gb=80)
+    small = reg.resolve_model(registry, "Qwen3-Coder-30B-A3B", "auto", context_size=32768, vram_total_gb=24)
+    big = reg.resolve_model(registry, "Qwen3-Coder-30B-A3B", "auto", context_size=32768, vram_total_gb=80)
     assert reg.quality_rank(big.quantization) < reg.quality_rank(small.quantization)
-    assert big.files == ["BF16/Qwen3-Coder-30B-A3B-Instruct-BF16-00001-of-00002.gguf",
-                         "BF16/Qwen3-Coder-30B-A3B-Instruct-BF16-00002-of-00002.gguf"]
+    assert big.files == [
+        "BF16/Qwen3-Coder-30B-A3B-Instruct-BF16-00001-of-00002.gguf",
+        "BF16/Qwen3-Coder-30B-A3B-Instruct-BF16-00002-of-00002.gguf",
+    ]
     # An explicit quantization is never overridden by the VRAM.
     fixed = reg.resolve_model(registry, "Qwen3-Coder-30B-A3B", "Q6_K", vram_total_gb=80)
     assert fixed.quantization == "Q6_K"
@@ -492,13 +496,27 @@ def test_models_table(registry: Registry) -> None:
     assert code == 0
     lines = text.splitlines()
     assert lines[0] == f"auxot model registry (v{registry.version}, {len(registry.models)} entries)"
-    assert lines[2].split() == ["NAME", "PARAMS", "FAMILY", "CONTEXT", "MIN", "VRAM",
-                                "CAPABILITIES", "QUANTIZATIONS"]
+    assert lines[2].split() == ["NAME", "PARAMS", "FAMILY", "CONTEXT", "MIN", "VRAM", "CAPABILITIES", "QUANTIZATIONS"]
     assert _rows(text) == registry.model_names()
     coder = next(line for line in lines if line.startswith("  Qwen3-Coder-30B-A3B "))
-    assert coder.split() == ["Qwen3-Coder-30B-A3B", "31B", "MoE", "32K", "/", "256K", "9.7",
-                             "GB", "code", "Q3_K_S,", "Q4_K_S,", "Q5_K_S,", "Q6_K,", "Q8_0,",
-                             "Q8_K,", "F16"]
+    assert coder.split() == [
+        "Qwen3-Coder-30B-A3B",
+        "31B",
+        "MoE",
+        "32K",
+        "/",
+        "256K",
+        "9.7",
+        "GB",
+        "code",
+        "Q3_K_S,",
+        "Q4_K_S,",
+        "Q5_K_S,",
+        "Q6_K,",
+        "Q8_0,",
+        "Q8_K,",
+        "F16",
+    ]
     assert lines[-2:] == [
         "Usage: AUXOT_MODEL=<model-name>",
         "       AUXOT_QUANTIZATION=<quant>  (optional — auto-selects if omitted)",

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -34,19 +33,6 @@ from tests.support.reliability import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def reaper() -> Iterator[Reaper]:
-    r = Reaper()
-    yield r
-    r.cleanup()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
-        yield s
 
 
 # --- a worker dies in the middle of a job ---------------------------------------------------------

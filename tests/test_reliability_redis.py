@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -24,7 +24,6 @@ from tests.support.redis_server import RedisServer
 from tests.support.reliability import (
     TOKEN,
     Caller,
-    Reaper,
     await_for,
     chat_body,
     running_on,
@@ -66,19 +65,6 @@ def make_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield make
     for server in servers:
         server.stop()
-
-
-@pytest.fixture
-def reaper() -> Iterator[Reaper]:
-    r = Reaper()
-    yield r
-    r.cleanup()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
-        yield s
 
 
 def pending(server: RedisServer) -> int:
