@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import secrets
 import signal
@@ -103,9 +104,7 @@ class WorkerConfig:
     def from_sources(cls, flags: dict[str, str], env: dict[str, str]) -> WorkerConfig:
         merged = {**env, **{k: v for k, v in flags.items() if v}}
         read = EnvReader(merged)
-        gpu_key = read.raw("AUXOT_GPU_KEY")
-        if gpu_key is None:
-            raise ConfigError("GPU key is required: use --gpu-key or set AUXOT_GPU_KEY")
+        gpu_key = read_gpu_key(read)
         backend_url = read.text("AUXOT_BACKEND_URL", read.text("AUXOT_LLAMA_URL", ""))
         return cls(
             gpu_key=gpu_key,
@@ -134,8 +133,27 @@ class WorkerConfig:
         )
 
 
+def read_gpu_key(read: EnvReader) -> str:
+    """The GPU key from ``AUXOT_GPU_KEY``, or the first line of ``AUXOT_GPU_KEY_FILE`` (a file
+    keeps the key out of ``ps`` and shell history; ``--gpu-key`` on the command line does not)."""
+    key = read.raw("AUXOT_GPU_KEY")
+    path = read.raw("AUXOT_GPU_KEY_FILE")
+    if key is None and path is not None:
+        try:
+            lines = Path(path).expanduser().read_text(encoding="utf-8").split()
+        except OSError as exc:
+            raise ConfigError(f"AUXOT_GPU_KEY_FILE: cannot read {path}: {exc.strerror or exc}") from None
+        key = lines[0] if lines else None
+        if key is None:
+            raise ConfigError(f"AUXOT_GPU_KEY_FILE: {path} is empty")
+    if key is None:
+        raise ConfigError("GPU key is required: set AUXOT_GPU_KEY, or AUXOT_GPU_KEY_FILE / --gpu-key-file to a file holding it")
+    return key
+
+
 FLAG_TO_ENV = {
     "--gpu-key": "AUXOT_GPU_KEY",
+    "--gpu-key-file": "AUXOT_GPU_KEY_FILE",
     "--router-url": "AUXOT_ROUTER_URL",
     "--model-path": "AUXOT_MODEL_FILE",
     "--mmproj-path": "AUXOT_MMPROJ_FILE",
@@ -288,7 +306,6 @@ class LlamaServer:
             "--model", self.model,
             "--host", "127.0.0.1",
             "--port", str(self.port),
-            "--api-key", self.api_key,
             "--ctx-size", str(self.ctx_per_slot * self.parallel),
             "--parallel", str(self.parallel),
             "--jinja",
@@ -304,6 +321,13 @@ class LlamaServer:
             args += ["--threads", str(self.threads)]
         return args + self.extra_args
 
+    def environment(self) -> dict[str, str]:
+        """llama-server's environment: its API key in ``LLAMA_API_KEY`` (argv is public in
+        ``ps``), and without the worker's own GPU key, which it has no use for."""
+        env = {k: v for k, v in os.environ.items() if k not in ("AUXOT_GPU_KEY", "AUXOT_GPU_KEY_FILE")}
+        env["LLAMA_API_KEY"] = self.api_key
+        return env
+
     async def start(self, session: aiohttp.ClientSession, ready_timeout: float) -> None:
         """Start and wait until healthy; retries a port another process took meanwhile.
         Raises :class:`LlamaStartError` quoting llama-server's last lines."""
@@ -316,6 +340,7 @@ class LlamaServer:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
+                env=self.environment(),
                 start_new_session=True,  # a Ctrl-C in the terminal reaches the worker, which stops it
                 preexec_fn=_die_with_parent(),
             )
@@ -711,15 +736,15 @@ def normalise_message(message: dict[str, Any]) -> dict[str, Any]:
         }
     calls = message.get("tool_calls")
     if isinstance(calls, list) and any(
-        not (c.get("function") or {}).get("arguments") for c in calls if isinstance(c, dict)
+        isinstance(c, dict) and isinstance(c.get("function"), dict) and not c["function"].get("arguments")
+        for c in calls
     ):
         message = {
             **message,
             "tool_calls": [
-                {
-                    **c,
-                    "function": {**c.get("function", {}), "arguments": c.get("function", {}).get("arguments") or "{}"},
-                }
+                {**c, "function": {**c["function"], "arguments": c["function"].get("arguments") or "{}"}}
+                if isinstance(c, dict) and isinstance(c.get("function"), dict)
+                else c
                 for c in calls
             ],
         }
@@ -849,7 +874,8 @@ class JobRunner:
             "job started",
             extra={"job_id": job.job_id, "kind": job.kind, "messages": len(job.messages), "tools": len(job.tools)},
         )
-        timeout = job.deadline - time.time() if job.deadline else None
+        # the router sends the time left, never an absolute time: the two clocks may differ
+        timeout = job.timeout_s if job.timeout_s > 0 else None
         result = new_result(job)
         try:
             async with asyncio.timeout(timeout):
@@ -870,7 +896,17 @@ class JobRunner:
             error = proto.Error(job_id=job.job_id, error=f"inference failed: {exc}", status=502, retryable=retryable)
             await self._report(error)
             return
-        complete = result.complete(job.job_id, int((time.monotonic() - started) * 1000))
+        except Exception as exc:  # whatever went wrong, the job ends and its slot is free
+            log.exception("job failed unexpectedly", extra={"job_id": job.job_id})
+            error = proto.Error(job_id=job.job_id, error=f"the worker failed on this request: {type(exc).__name__}", status=500)
+            await self._report(error)
+            return
+        try:
+            complete = result.complete(job.job_id, int((time.monotonic() - started) * 1000))
+        except (TypeError, ValueError, AttributeError):  # a backend's odd usage numbers: drop them
+            log.warning("unreadable usage from the backend", extra={"job_id": job.job_id})
+            result.usage, result.timings = {}, {}
+            complete = result.complete(job.job_id, int((time.monotonic() - started) * 1000))
         log.info(
             "job completed",
             extra={
@@ -1260,7 +1296,8 @@ class RouterLink:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.send(proto.Heartbeat())
+                # the jobs running here: the router gives up on one it sent that is not listed
+                await self.send(proto.Heartbeat(jobs=sorted(self.runner.tasks) if self.runner is not None else []))
 
     async def _drain_on(self, stop: asyncio.Event, runner: JobRunner) -> None:
         """On shutdown: take no new jobs, give running ones the grace period, then close."""
@@ -1548,14 +1585,17 @@ class Worker:
                 await self._on_up()  # the capabilities of the old policy again
 
 
-USAGE = """usage: python auxot_worker.py --gpu-key adm_... [--router-url ws://HOST:8080/ws] [options]
+USAGE = """usage: AUXOT_GPU_KEY=adm_... python auxot_worker.py [--router-url ws://HOST:8080/ws] [options]
+       python auxot_worker.py --gpu-key-file FILE [--router-url ws://HOST:8080/ws] [options]
 
 The worker provisions itself: it reports its GPUs, asks the router what to serve, downloads the
 llama-server build for this GPU and the model (both cached, downloads resume), starts llama-server
 and serves jobs. A crashed llama-server is restarted; an update of the router's policy is applied.
 
 options (environment variable in brackets):
-  --gpu-key KEY              GPU key from `auxot_router.py setup` [AUXOT_GPU_KEY]
+  --gpu-key-file FILE        a file holding the GPU key from `auxot_router.py setup` [AUXOT_GPU_KEY_FILE]
+  --gpu-key KEY              the key itself [AUXOT_GPU_KEY]; prefer the variable or a file: a
+                             command line is visible to every user in `ps`
   --router-url URL           ws://HOST:8080/ws (http://, https:// and a bare host work too) [AUXOT_ROUTER_URL]
   --model-path FILE          serve this GGUF (the first shard of a split model) instead of
                              downloading the router's model [AUXOT_MODEL_FILE]

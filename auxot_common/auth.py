@@ -8,15 +8,17 @@ rotated.
 
 Verification costs 64 MiB and tens of milliseconds, so :class:`KeyVerifier`
 - runs it in a small executor, never on the loop, with at most ``max_concurrent`` at once;
-- caches results by SHA-256 of the presented key (never the key itself) in a bounded TTL cache;
-- rate-limits failed attempts per client address, so a flood of wrong keys cannot starve the
-  executor that real traffic needs.
+- caches results by SHA-256 of the presented key (never the key itself) in a bounded TTL cache
+  that keeps a key in use warm;
+- verifies each key once at a time, and limits the Argon2 work spent on unknown keys per
+  client address, so a flood of wrong keys never delays a known key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import enum
 import hashlib
 import secrets
 import time
@@ -97,6 +99,11 @@ class FailureLimiter:
         tokens, _ = self._refill(client)
         return tokens >= 1.0
 
+    def retry_after(self, client: str) -> float:
+        """Seconds until ``client`` may try again (0 if it may now)."""
+        tokens, _ = self._refill(client)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate if self._rate > 0 else 60.0
+
     def record_failure(self, client: str) -> None:
         tokens, now = self._refill(client)
         self._buckets[client] = (max(tokens - 1.0, 0.0), now)
@@ -110,15 +117,42 @@ class FailureLimiter:
         return min(self._burst, tokens + (now - last) * self._rate), now
 
 
+class Outcome(enum.Enum):
+    VALID = "valid"
+    INVALID = "invalid"
+    LIMITED = "limited"  # not checked: this client's Argon2 budget for unknown keys is spent
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    outcome: Outcome
+    name: str | None = None  # the matching hash's name when VALID
+    retry_after: float = 0.0  # when LIMITED
+
+
 class KeyVerifier:
     """Verifies presented keys against one role's hashes, off the event loop, with a cache.
 
+    What it limits is Argon2 work on keys it does not know, never requests with a known key:
+    - a key verified once is answered from the cache, and its entry stays warm while it is used
+      (its expiry moves with every use), so neither a flood of other keys nor the TTL ever puts
+      it back in line behind Argon2;
+    - one verification per key at a time (single flight): concurrent first requests with the
+      same key share one result;
+    - a key not in the cache costs Argon2 work, allowed per client by the failure limiter; only
+      a verified mismatch is recorded as a failure (a refusal by the limiter is not);
+    - at most ``max_pending`` distinct unknown keys wait for verification at once; beyond that
+      new unknown keys are refused as LIMITED instead of queueing without bound.
+
     Parameters:
         hashes: the role's configured hashes.
-        cache_ttl: seconds a verification result (positive or negative) is reused.
+        cache_ttl: seconds a result is reused; a valid key's entry is renewed on every use.
         cache_size: most results kept; the least recently used go first.
         max_concurrent: Argon2 computations at once (each takes 64 MiB).
-        executor: where hashing runs; a private 2-thread pool by default.
+        max_pending: distinct keys waiting for or in verification at once.
+        limiter: per-client budget of failed verifications (shared by roles); a private one
+            by default.
+        executor: where hashing runs; a private pool of ``max_concurrent`` threads by default.
     """
 
     def __init__(
@@ -128,33 +162,79 @@ class KeyVerifier:
         cache_ttl: float = 300.0,
         cache_size: int = 10_000,
         max_concurrent: int = 2,
+        max_pending: int = 256,
+        limiter: FailureLimiter | None = None,
         executor: Executor | None = None,
     ) -> None:
         self._hashes = list(hashes)
         self._ttl = cache_ttl
         self._size = cache_size
+        self._max_pending = max_pending
         self._cache: OrderedDict[bytes, _CacheEntry] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[str | None]] = {}
+        self.limiter = limiter or FailureLimiter()
         self._executor = executor or ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="argon2")
         self._slots = asyncio.Semaphore(max_concurrent)
+        self.argon2_runs = 0  # verifications computed (for tests and diagnostics)
 
     async def verify(self, key: str) -> str | None:
-        """The name of the matching hash, or None if the key is invalid."""
+        """The name of the matching hash, or None if the key is invalid (no client limit)."""
+        result = await self.authenticate(key, None)
+        return result.name
+
+    async def authenticate(self, key: str, client: str | None) -> AuthResult:
+        """Check ``key`` for ``client`` (None: not limited). See the class doc for the rules."""
         if not key or len(key) > MAX_KEY_LENGTH or not self._hashes:
-            return None
+            return AuthResult(Outcome.INVALID)
         digest = hashlib.sha256(key.encode()).digest()
         now = time.monotonic()
         entry = self._cache.get(digest)
         if entry is not None and entry.expires > now:
             self._cache.move_to_end(digest)
-            return entry.name
+            if entry.name is not None:
+                entry.expires = now + self._ttl  # warm while used
+                return AuthResult(Outcome.VALID, entry.name)
+            return AuthResult(Outcome.INVALID)
+        running = self._inflight.get(digest)
+        if running is not None:  # someone is verifying this key already: share the answer
+            name = await asyncio.shield(running)
+            return AuthResult(Outcome.VALID, name) if name is not None else AuthResult(Outcome.INVALID)
+        if client is not None and not self.limiter.allowed(client):
+            return AuthResult(Outcome.LIMITED, retry_after=max(self.limiter.retry_after(client), 1.0))
+        if len(self._inflight) >= self._max_pending:
+            return AuthResult(Outcome.LIMITED, retry_after=1.0)
+        # a task of its own: a first caller that goes away does not cancel the others' answer
+        task = asyncio.ensure_future(self._verify_once(key, digest))
+        self._inflight[digest] = task
+        name = await asyncio.shield(task)
+        if name is None:
+            if client is not None:
+                self.limiter.record_failure(client)
+            return AuthResult(Outcome.INVALID)
+        return AuthResult(Outcome.VALID, name)
+
+    async def _verify_once(self, key: str, digest: bytes) -> str | None:
+        try:
+            name = await self._compute(key)
+            self._remember(digest, name)
+            return name
+        finally:
+            self._inflight.pop(digest, None)
+
+    async def _compute(self, key: str) -> str | None:
         async with self._slots:
-            loop = asyncio.get_running_loop()
-            name = await loop.run_in_executor(self._executor, self._match, key)
+            self.argon2_runs += 1
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._match, key)
+
+    def _remember(self, digest: bytes, name: str | None) -> None:
         self._cache[digest] = _CacheEntry(name=name, expires=time.monotonic() + self._ttl)
         self._cache.move_to_end(digest)
         while len(self._cache) > self._size:
             self._cache.popitem(last=False)
-        return name
+
+    def forget_all(self) -> None:
+        """Drop every cached result (after the configured hashes changed)."""
+        self._cache.clear()
 
     def _match(self, key: str) -> str | None:
         found: str | None = None

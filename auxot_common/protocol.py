@@ -15,6 +15,16 @@ additions:
   does not fit becomes a 400 for the caller instead of a 500.
 - ``job.stream`` tells the worker whether the caller streams; tokens of a non-streaming job are
   not sent one by one, only the ``complete`` with the full text.
+- ``job.timeout_s``: the seconds the job has left when it is sent (an absolute deadline would
+  compare the clocks of two machines).
+- ``heartbeat.jobs``: the ids of the jobs the worker runs; the router gives up on a job it sent
+  that two heartbeats in a row do not list, so a job can never hold a slot silently.
+- ``hello_ack.retryable`` / ``retry_after``: a refusal that is not about the key (too many
+  failed attempts from that address, too many workers): try again later, do not exit.
+- ``policy.max_message_bytes``: the largest frame the router sends (the worker's read limit).
+
+Messages from the other side are checked deeply (nested entries, bounds): a worker or router
+bug is a :class:`ProtocolError` at the socket, never an exception deep inside a job.
 
 Fields equal to their default are omitted from the JSON (like Go's ``omitempty``, but a
 meaningful zero such as ``temperature: 0`` is kept), except those
@@ -80,6 +90,7 @@ class Policy:
     mmproj_file: str = ""
     family: str = ""
     parameters: str = ""
+    max_message_bytes: int = 0  # the largest frame the router sends; 0: the worker's default
 
     _always: ClassVar[frozenset[str]] = frozenset(
         {"model_name", "quantization", "context_size", "max_parallelism", "capabilities"}
@@ -117,6 +128,7 @@ class Config:
 
 @dataclass(slots=True)
 class Heartbeat:
+    jobs: list[str] | None = None  # None: a worker that does not report its jobs (Go)
     type: ClassVar[str] = "heartbeat"
     _always: ClassVar[frozenset[str]] = frozenset()
 
@@ -192,6 +204,8 @@ class HelloAck:
     gpu_id: str = ""
     policy: Policy | None = None
     error: str = ""
+    retryable: bool = False  # refused for now (rate limit, capacity), not for a bad key
+    retry_after: float = 0.0  # seconds
     type: ClassVar[str] = "hello_ack"
     _always: ClassVar[frozenset[str]] = frozenset({"success"})
 
@@ -233,7 +247,8 @@ class Job:
     params: JSONObject = field(default_factory=dict)
     reply_to: str = ""
     attempt: int = 1
-    deadline: float = 0.0
+    deadline: float = 0.0  # the owner router's wall clock; routers only
+    timeout_s: float = 0.0  # seconds left when sent to a worker; 0: none
     type: ClassVar[str] = "job"
     _always: ClassVar[frozenset[str]] = frozenset({"job_id", "messages"})
 
@@ -391,7 +406,72 @@ def _from_dict(cls: Any, data: JSONObject) -> Any:
         kwargs[f.name] = value
     obj = cls(**kwargs)
     _check_types(obj)
+    check = _DEEP_CHECKS.get(cls.__name__)
+    if check is not None:
+        check(obj)
     return obj
+
+
+MAX_SLOTS = 4096  # far above any real worker; a larger total_slots is a bug or an attack
+
+
+def _check_tool_call_entries(entries: list[Any], name: str) -> None:
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError(f"{name} entries must be objects")
+        index = entry.get("index", 0)
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1024:
+            raise ValueError(f"{name}[].index must be a small non-negative integer")
+        for key in ("id", "type"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise ValueError(f"{name}[].{key} must be a string")
+        function = entry.get("function")
+        if function is None:
+            continue
+        if not isinstance(function, dict):
+            raise ValueError(f"{name}[].function must be an object")
+        for key in ("name", "arguments"):
+            if function.get(key) is not None and not isinstance(function[key], str):
+                raise ValueError(f"{name}[].function.{key} must be a string")
+
+
+def _check_capabilities(caps: Capabilities) -> None:
+    if not 0 <= caps.total_slots <= MAX_SLOTS:
+        raise ValueError(f"total_slots must be between 0 and {MAX_SLOTS}")
+    if not all(isinstance(g, dict) for g in caps.gpus):
+        raise ValueError("gpus entries must be objects")
+    if not all(isinstance(c, str) for c in caps.model_capabilities):
+        raise ValueError("model_capabilities entries must be strings")
+
+
+def _check_list_of(kind: type, name: str) -> Any:
+    def check(obj: Any) -> None:
+        value = getattr(obj, name)
+        if value is not None and not all(isinstance(v, kind) for v in value):
+            raise ValueError(f"{name} entries must be {kind.__name__}")
+
+    return check
+
+
+def _check_complete(msg: Complete) -> None:
+    _check_tool_call_entries(msg.tool_calls, "tool_calls")
+    if min(msg.input_tokens, msg.output_tokens, msg.cache_tokens, msg.duration_ms) < 0:
+        raise ValueError("counts must not be negative")
+
+
+def _check_job(job: Job) -> None:
+    if not all(isinstance(m, dict) for m in job.messages) or not all(isinstance(t, dict) for t in job.tools):
+        raise ValueError("messages and tools entries must be objects")
+
+
+_DEEP_CHECKS: dict[str, Any] = {
+    "Capabilities": _check_capabilities,
+    "ToolCallDelta": lambda msg: _check_tool_call_entries(msg.tool_calls, "tool_calls"),
+    "Complete": _check_complete,
+    "Token": _check_list_of(dict, "logprobs"),
+    "Heartbeat": _check_list_of(str, "jobs"),
+    "Job": _check_job,
+}
 
 
 _SCALARS: dict[str, tuple[type, ...]] = {

@@ -330,6 +330,13 @@ def extract_tool_calls(text: str, tools: list[JSONObject] | None = None) -> tupl
     :returns: the text with the calls removed (pieces stripped, joined by a blank line) and the
         calls in order of appearance.
     """
+    try:
+        return _extract_tool_calls(text, tools)
+    except Exception:  # a parser bug must not end a job: the text stays text
+        return text, []
+
+
+def _extract_tool_calls(text: str, tools: list[JSONObject] | None) -> tuple[str, list[JSONObject]]:
     schemas = _schemas(tools or [])
     spans: list[tuple[int, int, JSONObject]] = []
     for match in _BLOCK.finditer(text):
@@ -543,13 +550,25 @@ def _convert(text: str, kind: str) -> Any:
     if kind in ("object", "array"):
         parsed = _json(text)
         if parsed is _NO:
-            try:  # models sometimes write Python literals: {'a': True}
-                parsed = ast.literal_eval(text)
-            except (ValueError, SyntaxError, MemoryError, RecursionError):
-                return _NO
+            parsed = _python_literal(text)
         want = dict if kind == "object" else list
         return parsed if isinstance(parsed, want) else _NO
     return _NO
+
+
+def _python_literal(text: str) -> Any:
+    """A Python literal that is also valid JSON (``{'a': True}``), else ``_NO``.
+
+    ``literal_eval`` raises far more than ValueError on model output (``{[1]: 2}`` is a
+    TypeError) and may build values JSON cannot hold (tuple keys, bytes, sets): anything that
+    does not round-trip through orjson is not a value.
+    """
+    try:
+        parsed = ast.literal_eval(text)
+        orjson.dumps(parsed)
+    except Exception:  # model output must never end a job
+        return _NO
+    return parsed
 
 
 def _json(text: str) -> Any:

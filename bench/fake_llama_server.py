@@ -3,7 +3,7 @@
 
 A worker can launch this file in place of llama-server: it takes llama-server's command line
 (``-m/--model PATH --host H --port P -np/--parallel N -c/--ctx-size N --api-key K -a/--alias A
---metrics``) and ignores every other flag, with or without a value.
+--metrics``; the key may come from ``LLAMA_API_KEY`` instead, as with llama-server) and ignores every other flag, with or without a value.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /props``, ``GET /slots``, ``GET /metrics``
 (with ``--metrics``), ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming and
@@ -195,7 +195,8 @@ def load_config(argv: Sequence[str]) -> Config:
         port=int(found.get("port", "8080")),
         parallel=max(int(found.get("parallel", "4")), 1),
         ctx_size=int(found.get("ctx_size", "4096")),
-        api_keys=tuple(k for k in found.get("api_keys", "").split(",") if k),
+        # like llama-server, --api-key or else LLAMA_API_KEY (keeps the key out of argv)
+        api_keys=tuple(k for k in (found.get("api_keys") or os.environ.get("LLAMA_API_KEY", "")).split(",") if k),
         alias=found.get("alias"),
         metrics="metrics" in found,
         tokens_per_sec=_env_float("FAKE_LLAMA_TOKENS_PER_SEC", 0.0),
