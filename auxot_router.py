@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import os
 import secrets
 import signal
@@ -42,10 +44,12 @@ from auxot_common.auth import (
     FailureLimiter,
     KeyVerifier,
     NamedHash,
+    Outcome,
     generate_key,
     hash_key,
     parse_hashes,
 )
+from auxot_common.clientaddr import Network, client_address, parse_trusted_proxies
 from auxot_common.logs import redact_url, setup_logging
 from auxot_common.openai_api import (
     KEEPALIVE,
@@ -103,6 +107,9 @@ class RouterConfig:
     shutdown_grace: float = 30.0
     hello_timeout: float = 5.0
     sweep_interval: float = 15.0
+    trusted_proxies: tuple[Network, ...] = ()
+    write_timeout: float = 30.0
+    health_refresh: float = 1.0
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> RouterConfig:
@@ -118,6 +125,11 @@ class RouterConfig:
         except ValueError as exc:
             raise ConfigError(f"AUXOT_API_KEY_HASH/AUXOT_ADMIN_KEY_HASH: {exc}") from None
         heartbeat = read.duration("AUXOT_HEARTBEAT_INTERVAL", 10.0, minimum=0.05)
+        try:
+            trusted = parse_trusted_proxies(read.text("AUXOT_TRUSTED_PROXIES", ""))
+        except ValueError as exc:
+            raise ConfigError(f"AUXOT_TRUSTED_PROXIES: {exc}") from None
+        max_body = read.integer("AUXOT_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024)
         return cls(
             api_key_hashes=api_hashes,
             admin_key_hashes=admin_hashes,
@@ -135,7 +147,11 @@ class RouterConfig:
             redis_url=read.text("AUXOT_REDIS_URL", ""),
             redis_prefix=read.text("AUXOT_REDIS_PREFIX", "auxot:"),
             registry_file=read.text("AUXOT_REGISTRY_FILE", ""),
-            max_body_bytes=read.integer("AUXOT_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024),
+            max_body_bytes=max_body,
+            # a job is the body plus a little: by default every body that fits becomes a job that fits
+            max_ws_message_bytes=read.integer(
+                "AUXOT_MAX_WS_MESSAGE_BYTES", max(64 * 1024 * 1024, max_body + 1024 * 1024), minimum=64 * 1024
+            ),
             max_queue=read.integer("AUXOT_MAX_QUEUE", 1000, minimum=1),
             max_requests=read.integer("AUXOT_MAX_REQUESTS", 4096, minimum=1),
             max_workers=read.integer("AUXOT_MAX_WORKERS", 1024, minimum=1),
@@ -144,6 +160,9 @@ class RouterConfig:
             shutdown_grace=read.duration("AUXOT_SHUTDOWN_GRACE", 30.0),
             hello_timeout=read.duration("AUXOT_HELLO_TIMEOUT", 5.0, minimum=0.1),
             sweep_interval=read.duration("AUXOT_SWEEP_INTERVAL", 15.0, minimum=0.05),
+            trusted_proxies=trusted,
+            write_timeout=read.duration("AUXOT_WRITE_TIMEOUT", 30.0, minimum=0.05),
+            health_refresh=read.duration("AUXOT_HEALTH_REFRESH", 1.0, minimum=0.05),
         )
 
     def resolve(self, *, vram_total_gb: float = 0.0, vram_free_gb: float = 0.0) -> ModelResolution:
@@ -184,6 +203,7 @@ def policy_from(resolution: ModelResolution) -> proto.Policy:
 class RunningJob:
     entry_id: str
     job: proto.Job
+    unreported: int = 0  # heartbeats in a row that did not list this job
 
 
 @dataclass(slots=True, eq=False)
@@ -301,6 +321,7 @@ class JobHandle:
     content_sent: bool = False
     dispatched_to: tuple[str, str] | None = None  # (instance id, worker id)
     finished: bool = False
+    side_worker: WorkerConnection | None = None  # a slot-free job (tokenize) sent straight to it
 
 
 class JobTracker:
@@ -324,10 +345,17 @@ class JobTracker:
         now = time.time()
         job.reply_to = router.instance_id
         job.deadline = now + router.config.job_timeout
+        encoded = proto.encode(job)
+        if len(encoded) > router.config.max_ws_message_bytes - 4096:  # room for timeout_s, attempt
+            raise RequestError(
+                413,
+                f"the request is too large for a worker: {len(encoded)} bytes as a job, the limit is "
+                f"{router.config.max_ws_message_bytes} (AUXOT_MAX_WS_MESSAGE_BYTES)",
+            )
         handle = JobHandle(job=job, deadline=job.deadline)
         self.handles[job.job_id] = handle
         try:
-            await router.queue.enqueue(job, proto.encode(job))
+            await router.queue.enqueue(job, encoded)
         except BaseException:
             self.handles.pop(job.job_id, None)
             raise
@@ -358,6 +386,8 @@ class JobTracker:
                 kind = type(message)
                 if kind is proto.Token or kind is proto.ToolCallDelta:  # the common case, first
                     out.append(message)
+                    # sent as of now: a WorkerLost later in this same batch must not re-queue
+                    handle.content_sent = True
                 elif isinstance(message, proto.Dispatched):
                     handle.dispatched_to = (message.instance_id, message.worker_id)
                 elif isinstance(message, proto.WorkerLost):
@@ -411,6 +441,11 @@ class JobTracker:
         if handle.finished:
             return
         self._finish(handle)
+        side = handle.side_worker
+        if side is not None:  # never queued: nothing to record in Redis, only the worker to tell
+            if not side.ws.closed:
+                self.spawn(self._router.cancel_side_job(side, handle.job.job_id))
+            return
         self.spawn(self._router.cancel_job(handle.job.job_id, handle.dispatched_to))
 
     def spawn(self, coro: Awaitable[None]) -> None:
@@ -435,9 +470,11 @@ class Router:
         self.relay = RelayPublisher(self.queue)
         self.pool = WorkerPool()
         self.tracker = JobTracker(self)
-        self.api_keys = KeyVerifier(config.api_key_hashes, cache_ttl=config.auth_cache_ttl)
-        self.admin_keys = KeyVerifier(config.admin_key_hashes, cache_ttl=config.auth_cache_ttl)
-        self.auth_failures = FailureLimiter()
+        self.auth_failures = FailureLimiter()  # shared: a client's wrong keys count whatever their role
+        self.api_keys = KeyVerifier(config.api_key_hashes, cache_ttl=config.auth_cache_ttl, limiter=self.auth_failures)
+        self.admin_keys = KeyVerifier(
+            config.admin_key_hashes, cache_ttl=config.auth_cache_ttl, limiter=self.auth_failures
+        )
         self.resolution = config.resolve()
         self.policy = policy_from(self.resolution)
         self.model_name = self.resolution.model_name
@@ -446,6 +483,10 @@ class Router:
         self.unacked: list[str] = []  # finished entries whose XACK failed (Redis away)
         self.in_flight = 0
         self.started = int(time.time())
+        # /health reads these; a background task refreshes them (no Redis scan per call)
+        self.cluster_view: list[dict[str, Any]] = []
+        self.queue_depth = 0
+        self.redis_error = ""
 
     # --- dispatch -------------------------------------------------------------------------------
 
@@ -505,6 +546,8 @@ class Router:
                 return
             entry_id, job = self.backlog.popleft()
             worker.running[job.job_id] = RunningJob(entry_id, job)
+            if job.deadline:  # the worker gets the time left: its clock is not ours
+                job.timeout_s = max(round(job.deadline - time.time(), 3), 0.001)
             try:
                 await worker.send(job)
             except (ConnectionError, RuntimeError):
@@ -545,6 +588,8 @@ class Router:
                     self.route(running.job.reply_to, message, raw)
                 await self.ack([running.entry_id])
         elif isinstance(message, proto.Heartbeat):
+            if message.jobs is not None:
+                await self._check_reported_jobs(worker, set(message.jobs))
             await worker.send(proto.HeartbeatAck())
             try:  # a Redis outage must not drop a worker whose tokens need no Redis
                 info = worker.info(self.instance_id)
@@ -563,6 +608,26 @@ class Router:
             log.warning("worker reported an error", extra={"worker_id": worker.worker_id, "error": message.error})
         else:
             log.warning("unexpected message from worker", extra={"worker_id": worker.worker_id, "type": message.type})
+
+    async def _check_reported_jobs(self, worker: WorkerConnection, reported: set[str]) -> None:
+        """Give up on jobs the worker no longer runs. Frames on one socket keep their order, so a
+        job sent before a heartbeat was written is listed by the next one, or was finished before
+        it: two heartbeats in a row without a job mean it ended without a word."""
+        for job_id, running in list(worker.running.items()):
+            if job_id in reported:
+                running.unreported = 0
+                continue
+            running.unreported += 1
+            if running.unreported < 2:
+                continue
+            worker.running.pop(job_id, None)
+            self.pool.capacity_changed.set()
+            log.error(
+                "a worker stopped running a job without a result",
+                extra={"job_id": job_id, "worker_id": worker.worker_id},
+            )
+            self.route(running.job.reply_to, proto.WorkerLost(job_id, "the worker dropped the job without a result"))
+            await self.ack([running.entry_id])
 
     async def ack(self, entry_ids: list[str]) -> None:
         """Finish queue entries; if Redis is away, remember them and try again later."""
@@ -587,6 +652,8 @@ class Router:
     async def worker_gone(self, worker: WorkerConnection, reason: str) -> None:
         """A worker's socket closed: its running jobs go back to their owners to retry or fail."""
         self.pool.remove(worker)
+        for job_id in list(worker.side_jobs):  # a count waiting on this worker answers at once
+            self.tracker.deliver(proto.Error(job_id=job_id, error=f"the worker went away ({reason})", status=502))
         lost = list(worker.running.values())
         worker.running.clear()
         with contextlib.suppress(RedisError):
@@ -598,6 +665,10 @@ class Router:
             log.warning(
                 "worker disconnected with running jobs", extra={"worker_id": worker.worker_id, "jobs": len(lost)}
             )
+
+    async def cancel_side_job(self, worker: WorkerConnection, job_id: str) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await worker.send(proto.Cancel(job_id))
 
     async def cancel_job(self, job_id: str, dispatched_to: tuple[str, str] | None) -> None:
         """Stop a job whose caller left: skip it at dispatch, or tell its worker to abort."""
@@ -653,8 +724,11 @@ class Router:
                 log.info("policy update sent", extra={"worker_id": worker.worker_id, "model": policy.model_name})
 
     def policy_for(self, caps: proto.Capabilities) -> proto.Policy:
-        """The policy for one worker: with AUXOT_QUANTIZATION=auto, the best quantization that
-        fits the VRAM it reported."""
+        """The policy for one worker, with the largest frame it will be sent."""
+        return dataclasses.replace(self._model_policy_for(caps), max_message_bytes=self.config.max_ws_message_bytes)
+
+    def _model_policy_for(self, caps: proto.Capabilities) -> proto.Policy:
+        """With AUXOT_QUANTIZATION=auto, the best quantization that fits the VRAM it reported."""
         if caps.vram_gb <= 0 or self.config.quantization.lower() not in ("", "auto"):
             return self.policy
         try:
@@ -678,7 +752,8 @@ class Router:
             return None
         worker = workers[0]
         job.reply_to = self.instance_id
-        handle = JobHandle(job=job, deadline=time.time() + timeout)
+        job.timeout_s = timeout
+        handle = JobHandle(job=job, deadline=time.time() + timeout, side_worker=worker)
         self.tracker.handles[job.job_id] = handle
         worker.side_jobs.add(job.job_id)
         try:
@@ -688,12 +763,23 @@ class Router:
             return None
         finally:
             worker.side_jobs.discard(job.job_id)
-            self.tracker.handles.pop(job.job_id, None)
+            self.tracker.abandon(handle)
         if isinstance(final, proto.Complete):
             return final.input_tokens
         return None
 
     # --- health ---------------------------------------------------------------------------------
+
+    async def refresh_cluster_view(self) -> None:
+        """What /health reports beyond this instance: read in the background, so that a health
+        probe never scans Redis and answers at once even while Redis is slow or away."""
+        try:
+            depth = await self.queue.depth()
+            cluster = await self.queue.cluster_workers() if self.queue.shared else []
+        except RedisError as exc:
+            self.redis_error = str(exc) or type(exc).__name__
+            return
+        self.queue_depth, self.cluster_view, self.redis_error = depth, cluster, ""
 
     async def health(self) -> tuple[int, dict[str, Any]]:
         local = [w.info(self.instance_id) for w in self.pool.workers.values()]
@@ -704,10 +790,9 @@ class Router:
             "model": self.model_name,
         }
         status = 200
-        try:
-            depth = await self.queue.depth()
-            cluster = await self.queue.cluster_workers()
-        except RedisError:
+        depth = self.queue_depth if self.queue.shared else await self.queue.depth()  # embedded: no I/O
+        cluster = self.cluster_view
+        if self.redis_error:
             depth, cluster, status = -1, [], 503
             body["status"] = "degraded"
             body["redis"] = "unreachable"
@@ -832,13 +917,11 @@ OPEN_PATHS = frozenset({"/health", "/ws"})
 async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """API routes need a valid ``rtr_`` key. Failures are rate-limited per client address."""
+    """API routes need a valid ``rtr_`` key. A key verified before is never refused; Argon2 work
+    on unknown keys is limited per client address (behind a trusted proxy, the address it names)."""
     if request.path in OPEN_PATHS:
         return await handler(request)
     router = request.app[ROUTER]
-    client = request.remote or "unknown"
-    if not router.auth_failures.allowed(client):
-        return error_response(request, 429, "too many failed authentication attempts; slow down", retry_after=60)
     key = presented_key(request)
     if not key:
         missing = (
@@ -847,10 +930,18 @@ async def auth_middleware(
             else "missing Bearer token"
         )
         return error_response(request, 401, missing)
-    if await router.api_keys.verify(key) is None:
-        router.auth_failures.record_failure(client)
+    result = await router.api_keys.authenticate(key, request_client(request))
+    if result.outcome is Outcome.LIMITED:
+        message = "too many failed authentication attempts; slow down"
+        return error_response(request, 429, message, retry_after=math.ceil(result.retry_after))
+    if result.outcome is Outcome.INVALID:
         return error_response(request, 401, "invalid API key")
     return await handler(request)
+
+
+def request_client(request: web.Request) -> str:
+    """The caller's address: the peer, or what a trusted proxy says (AUXOT_TRUSTED_PROXIES)."""
+    return client_address(request.remote, request.headers, request.app[ROUTER].config.trusted_proxies)
 
 
 @web.middleware
@@ -978,21 +1069,40 @@ async def stream_job(
     and a long wait in the queue still keeps proxies from cutting the connection.
     """
     response: web.StreamResponse | None = None
+    write_timeout = router.config.write_timeout
     async for batch in router.tracker.events(handle, router.config.sse_keepalive):
         if response is None:
             first = batch[0] if batch else None
             if isinstance(first, proto.Error):
                 return job_error_response(request, first)
+            progress = next((m for m in batch if isinstance(m, proto.PromptProgress)), None)
+            if progress is not None and hasattr(encoder, "on_prompt_size"):
+                encoder.on_prompt_size(progress.total, progress.cached)  # message_start's input_tokens
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(request)
-            await response.write(encoder.start())
+            await write_within(request, response, encoder.start(), write_timeout)
         if not batch:
-            await response.write(keepalive)
+            await write_within(request, response, keepalive, write_timeout)
             continue
-        await response.write(encode_batch(handle, encoder, batch))
+        await write_within(request, response, encode_batch(handle, encoder, batch), write_timeout)
     if response is None:  # pragma: no cover - events() always yields a final message
         raise web.HTTPInternalServerError()
     return response
+
+
+async def write_within(request: web.Request, response: web.StreamResponse, data: bytes, timeout: float) -> None:
+    """A write that gives up when the caller stops reading: the connection is closed, the
+    handler ends (its caller ``abandon``s the job) and the request slot is free."""
+    if not data:
+        return
+    try:
+        async with asyncio.timeout(timeout):
+            await response.write(data)
+    except TimeoutError:
+        log.warning("the caller stopped reading; closing its stream", extra={"path": request.path})
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("the caller stopped reading") from None
 
 
 def encode_batch(handle: JobHandle, encoder: StreamEncoder, batch: list[proto.Message]) -> bytes:
@@ -1102,14 +1212,27 @@ async def health(request: web.Request) -> web.Response:
     return json_response(body, status=status)
 
 
+PRE_AUTH_MAX_MESSAGE_BYTES = 1024 * 1024  # a hello is a few KiB; nobody unverified sends 64 MiB
+
+
 async def worker_socket(request: web.Request) -> web.WebSocketResponse:
-    """The worker hub: hello within a few seconds, key check, policy, then jobs and events."""
+    """The worker hub: hello within a few seconds, key check, policy, then jobs and events.
+
+    Our worker also sends its key in the upgrade request (``Authorization: Bearer adm_…``), so
+    it is verified before the socket is accepted and only a verified worker may send large
+    frames; a socket without it (a Go worker) is held to small frames for its whole life.
+    """
     router = request.app[ROUTER]
     config = router.config
+    client = request_client(request)
+    header = request.headers.get("Authorization", "")
+    early_key = header[len("Bearer ") :].strip() if header.startswith("Bearer ") else ""
+    early = await router.admin_keys.authenticate(early_key, client) if early_key else None
+    verified = early is not None and early.outcome is Outcome.VALID
     ws = web.WebSocketResponse(
         heartbeat=config.heartbeat_interval,
         receive_timeout=3 * config.heartbeat_interval + config.hello_timeout,
-        max_msg_size=config.max_ws_message_bytes,
+        max_msg_size=config.max_ws_message_bytes if verified else PRE_AUTH_MAX_MESSAGE_BYTES,
         compress=False,
         decode_text=False,  # frames stay bytes: orjson parses them and the relay forwards them as they are
     )
@@ -1118,13 +1241,22 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     if hello is None:
         await ws.close()
         return ws
-    client = request.remote or "unknown"
-    if not router.auth_failures.allowed(client) or await router.admin_keys.verify(hello.gpu_key) is None:
-        router.auth_failures.record_failure(client)
-        log.warning("worker rejected: invalid GPU key", extra={"remote": client})
-        await ws.send_str(
-            proto.encode(proto.HelloAck(success=False, error="invalid GPU key: authentication failed")).decode()
-        )
+    if early is not None and hello.gpu_key != early_key:
+        early = None  # two different keys: judge the one in the hello
+    result = early if early is not None else await router.admin_keys.authenticate(hello.gpu_key, client)
+    if result.outcome is not Outcome.VALID:
+        if result.outcome is Outcome.LIMITED:
+            log.warning("worker refused for now: too many failed GPU keys", extra={"remote": client})
+            refusal = proto.HelloAck(
+                success=False,
+                error="too many failed authentication attempts from this address; retrying later",
+                retryable=True,
+                retry_after=max(round(result.retry_after, 1), 1.0),
+            )
+        else:
+            log.warning("worker rejected: invalid GPU key", extra={"remote": client})
+            refusal = proto.HelloAck(success=False, error="invalid GPU key: authentication failed")
+        await ws.send_str(proto.encode(refusal).decode())
         await ws.close()
         return ws
     worker_id = secrets.token_hex(16)
@@ -1222,6 +1354,12 @@ async def liveness(router: Router) -> None:
         await asyncio.sleep(min(config.dead_worker_timeout / 3, config.sweep_interval))
 
 
+async def refresh_health(router: Router) -> None:
+    while True:
+        await router.refresh_cluster_view()
+        await asyncio.sleep(router.config.health_refresh)
+
+
 async def reclaim(router: Router) -> None:
     claimed = await router.queue.reclaim_from_dead_instances(router.config.dead_worker_timeout)
     if not claimed:
@@ -1241,6 +1379,7 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(relay_reader(router), name="relay-reader"),
         asyncio.create_task(liveness(router), name="liveness"),
         asyncio.create_task(router.tracker.tick_forever(router.config.sse_keepalive), name="ticker"),
+        asyncio.create_task(refresh_health(router), name="health"),
     ]
     yield
     for task in tasks:

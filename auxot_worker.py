@@ -147,7 +147,9 @@ def read_gpu_key(read: EnvReader) -> str:
         if key is None:
             raise ConfigError(f"AUXOT_GPU_KEY_FILE: {path} is empty")
     if key is None:
-        raise ConfigError("GPU key is required: set AUXOT_GPU_KEY, or AUXOT_GPU_KEY_FILE / --gpu-key-file to a file holding it")
+        raise ConfigError(
+            "GPU key is required: set AUXOT_GPU_KEY, or AUXOT_GPU_KEY_FILE / --gpu-key-file to a file holding it"
+        )
     return key
 
 
@@ -193,6 +195,15 @@ def normalise_backend_url(url: str) -> str:
         raise ConfigError(f"AUXOT_BACKEND_URL={url!r} must be an http:// or https:// URL")
     url = url.rstrip("/")
     return url.removesuffix("/v1").rstrip("/")
+
+
+class RefusedForNow(ConnectionError):
+    """The router refused this worker for a while (too many failed keys from this address):
+    not a bad key, so the worker waits and tries again instead of exiting."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class FatalError(Exception):
@@ -795,6 +806,7 @@ class JobResult:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     unsent_logprobs: list[dict[str, Any]] = field(default_factory=list)  # text held back by the parser
     sent_any: bool = False  # something of this job reached the router
+    progress_sent: bool = False  # the prompt size went out (once, before the first token)
     finish_reason: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
@@ -898,7 +910,8 @@ class JobRunner:
             return
         except Exception as exc:  # whatever went wrong, the job ends and its slot is free
             log.exception("job failed unexpectedly", extra={"job_id": job.job_id})
-            error = proto.Error(job_id=job.job_id, error=f"the worker failed on this request: {type(exc).__name__}", status=500)
+            reason = f"the worker failed on this request: {type(exc).__name__}"
+            error = proto.Error(job_id=job.job_id, error=reason, status=500)
             await self._report(error)
             return
         try:
@@ -946,6 +959,8 @@ class JobRunner:
 
     def _body(self, job: proto.Job) -> dict[str, Any]:
         body = llama_request_body(job)
+        if job.stream and job.kind == "chat" and isinstance(self._llama, LlamaServer):
+            body["return_progress"] = True  # the prompt size before the first token (Anthropic's message_start)
         model_id = getattr(self._llama, "model_id", "")  # vLLM and Ollama need the model named
         if model_id:
             body["model"] = model_id
@@ -1026,7 +1041,7 @@ class JobRunner:
                 failure = LlamaHTTPError(500, llama_error_message(500, payload))
                 break
             apply_chunk(job, chunk, result, outgoing)
-        if outgoing:
+        if any(type(m) is not proto.PromptProgress for m in outgoing):
             result.sent_any = True
         for message in outgoing:  # what came before a failure still reaches the caller
             await self._send(message)
@@ -1041,6 +1056,12 @@ def apply_chunk(job: proto.Job, chunk: dict[str, Any], result: JobResult, outgoi
         result.usage = chunk["usage"]
     if chunk.get("timings"):
         result.timings = chunk["timings"]
+    progress = chunk.get("prompt_progress")
+    if isinstance(progress, dict) and not result.progress_sent and job.stream:
+        result.progress_sent = True
+        total, cached = progress.get("total"), progress.get("cache")
+        if isinstance(total, int) and isinstance(cached, int):
+            outgoing.append(proto.PromptProgress(job_id=job.job_id, total=total, cached=cached))
     for choice in chunk.get("choices") or []:
         if choice.get("finish_reason"):
             result.finish_reason = choice["finish_reason"]
@@ -1161,6 +1182,7 @@ class RouterLink:
         self.backend_up = asyncio.Event()
         self.on_policy_update: Callable[[proto.Policy], None] = lambda _policy: None
         self.runner: JobRunner | None = None
+        self.max_message_bytes = 64 * 1024 * 1024  # until the router's policy says
 
     async def fetch_policy(self, caps: proto.Capabilities) -> proto.Policy:
         """Phase 1: a policy-only hello (never given jobs) carrying the GPU report, retried with backoff."""
@@ -1175,11 +1197,12 @@ class RouterLink:
                 log.info("policy received", extra=policy_fields(policy))
                 return policy
             except (aiohttp.ClientError, TimeoutError, ConnectionError, proto.ProtocolError) as exc:
+                wait = max(delay, getattr(exc, "retry_after", 0.0))
                 log.warning(
                     "cannot reach the router",
-                    extra={"url": self.config.router_url, "error": str(exc), "retry_in_s": round(delay, 2)},
+                    extra={"url": self.config.router_url, "error": str(exc), "retry_in_s": round(wait, 2)},
                 )
-                await asyncio.sleep(delay)
+                await asyncio.sleep(wait)
                 delay = next_delay(delay, self.config.reconnect_max_delay)
 
     async def _connect(
@@ -1188,8 +1211,10 @@ class RouterLink:
         ws = await self.session.ws_connect(
             self.config.router_url,
             heartbeat=self.config.heartbeat_interval,
-            max_msg_size=64 * 1024 * 1024,
+            max_msg_size=self.max_message_bytes,
             timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+            # verified before the socket is accepted: only then may this worker send large frames
+            headers={"Authorization": f"Bearer {self.config.gpu_key}"},
         )
         try:
             hello = proto.Hello(gpu_key=self.config.gpu_key, capabilities=caps, policy_only=policy_only)
@@ -1200,8 +1225,12 @@ class RouterLink:
             ack = proto.decode(msg.data)
             if not isinstance(ack, proto.HelloAck):
                 raise proto.ProtocolError(f"expected hello_ack, got {ack.type}")
+            if not ack.success and ack.retryable:
+                raise RefusedForNow(f"the router refused this worker for now: {ack.error}", ack.retry_after)
             if not ack.success:
                 raise FatalError(f"the router rejected this worker: {ack.error or 'authentication failed'}")
+            if ack.policy is not None and ack.policy.max_message_bytes > 0:
+                self.max_message_bytes = ack.policy.max_message_bytes  # jobs as large as the router sends
         except BaseException:
             await ws.close()
             raise
@@ -1221,9 +1250,10 @@ class RouterLink:
             try:
                 ws, _ = await self._connect(self.caps, policy_only=False)
             except (aiohttp.ClientError, TimeoutError, ConnectionError, proto.ProtocolError) as exc:
-                log.warning("cannot reach the router", extra={"error": str(exc), "retry_in_s": round(delay, 2)})
+                wait = max(delay, getattr(exc, "retry_after", 0.0))
+                log.warning("cannot reach the router", extra={"error": str(exc), "retry_in_s": round(wait, 2)})
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                    await asyncio.wait_for(stop.wait(), wait)
                 delay = next_delay(delay, self.config.reconnect_max_delay)
                 continue
             delay = self.config.reconnect_delay

@@ -947,7 +947,8 @@ class AnthropicStream:
     """
 
     __slots__ = (
-        "_block_count", "_delta_prefix", "_done", "_held", "_input_tokens", "_interleaved", "_live_tool",
+        "_block_count", "_cached_tokens", "_delta_prefix", "_done", "_held", "_input_tokens", "_interleaved",
+        "_live_tool",
         "_message_id", "_model", "_open", "_open_index", "_saw_text", "_saw_thinking", "_stop_sequences",
         "_streamed_ids", "_tool_blocks",
     )  # fmt: skip
@@ -958,6 +959,7 @@ class AnthropicStream:
         self._message_id = message_id
         self._model = model
         self._input_tokens = input_tokens
+        self._cached_tokens = 0
         self._stop_sequences = stop_sequences or []
         self._block_count = 0
         self._open = _NONE
@@ -979,6 +981,12 @@ class AnthropicStream:
         """Whether the stream has ended (``message_stop`` or ``error`` written)."""
         return self._done
 
+    def on_prompt_size(self, total: int, cached: int) -> None:
+        """The prompt size the worker reported before the first token (llama-server's prompt
+        progress), for ``message_start``: Claude Code tracks its context from it."""
+        self._input_tokens = max(total, 0)
+        self._cached_tokens = min(max(cached, 0), self._input_tokens)
+
     def start(self) -> bytes:
         """``message_start`` (empty content, the known prompt size) followed by a ``ping``."""
         message: JSONObject = {
@@ -990,9 +998,9 @@ class AnthropicStream:
             "stop_reason": None,
             "stop_sequence": None,
             "usage": {
-                "input_tokens": self._input_tokens,
+                "input_tokens": self._input_tokens - self._cached_tokens,
                 "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
+                "cache_read_input_tokens": self._cached_tokens,
                 "output_tokens": 1,
             },
         }

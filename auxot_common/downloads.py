@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, TextIO, TypeVar
@@ -44,6 +45,7 @@ _T = TypeVar("_T")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK_SIZE = 1 << 20
 HASH_CHUNK_SIZE = 8 << 20
+WRITE_BEHIND = 16 << 20  # bytes a download may have queued for its writer thread
 MAX_REDIRECTS = 10
 PARTIAL_SUFFIX = ".partial"
 VERIFIED_SUFFIX = ".verified"
@@ -499,13 +501,18 @@ async def _with_retries(
 
 
 async def hash_file(path: Path, *, limit: int | None = None) -> str:
-    """sha256 of ``path`` (or of its first ``limit`` bytes), yielding to the loop per chunk."""
+    """sha256 of ``path`` (or of its first ``limit`` bytes), computed in a thread."""
     hasher = hashlib.sha256()
     await _hash_into(hasher, path, limit)
     return hasher.hexdigest()
 
 
 async def _hash_into(hasher: Any, path: Path, limit: int | None) -> None:
+    # off the loop: a worker re-hashing 40 GB while it serves must not delay a single token
+    await asyncio.to_thread(_hash_into_sync, hasher, path, limit)
+
+
+def _hash_into_sync(hasher: Any, path: Path, limit: int | None) -> None:
     remaining = limit if limit is not None else -1
     with path.open("rb") as fh:
         while remaining != 0:
@@ -516,7 +523,6 @@ async def _hash_into(hasher: Any, path: Path, limit: int | None) -> None:
             hasher.update(chunk)
             if remaining > 0:
                 remaining -= len(chunk)
-            await asyncio.sleep(0)  # a 40 GB re-hash must not freeze the loop
 
 
 def _marker_path(dest: Path) -> Path:
@@ -537,9 +543,12 @@ class _Partial:
 
     def __init__(self, path: Path, fh: IO[bytes], offset: int, hasher: Any) -> None:
         self.path = path
-        self.offset = offset
+        self.offset = offset  # bytes accepted (some may still be queued for the writer thread)
         self._fh = fh
         self._hasher = hasher
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="download-writer")
+        self._tail: asyncio.Future[None] | None = None
+        self._queued = 0
 
     @classmethod
     async def open(cls, path: Path, max_size: int | None) -> _Partial:
@@ -556,21 +565,45 @@ class _Partial:
             await _hash_into(hasher, path, offset)
         return cls(path, fh, offset, hasher)
 
-    def write(self, data: bytes) -> None:
+    async def write(self, data: bytes) -> None:
+        """Append and hash on a writer thread of this file (both release the GIL on large
+        buffers): a download during serving (a policy update) must not stall token delivery.
+        Writes are queued in order; the loop waits only when ``WRITE_BEHIND`` bytes are queued,
+        so reading the socket never pauses for the disk."""
+        self.offset += len(data)
+        self._queued += len(data)
+        self._tail = asyncio.get_running_loop().run_in_executor(self._writer, self._write_sync, data)
+        if self._queued > WRITE_BEHIND:
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Wait until every queued write is on disk (raises a write's error)."""
+        if self._tail is not None:
+            tail, self._tail = self._tail, None
+            await tail
+        self._queued = 0
+
+    def _write_sync(self, data: bytes) -> None:
         self._fh.write(data)
         self._hasher.update(data)
-        self.offset += len(data)
 
-    def restart(self) -> None:
+    async def restart(self) -> None:
+        await self.drain()
         self._fh.seek(0)
         self._fh.truncate(0)
         self._hasher = hashlib.sha256()
         self.offset = 0
 
-    def digest(self) -> str:
+    async def digest(self) -> str:
+        await self.drain()
         return str(self._hasher.hexdigest())
 
     def close(self, *, sync: bool = False) -> None:
+        """In a thread: after the queued writes (the writer runs them in order) flush and close."""
+        self._writer.submit(self._close_sync, sync).result()
+        self._writer.shutdown(wait=False)
+
+    def _close_sync(self, sync: bool) -> None:
         self._fh.flush()
         if sync:
             os.fsync(self._fh.fileno())
@@ -654,15 +687,15 @@ async def _transfer_once(job: _Job, part: _Partial) -> bool:
         headers["Range"] = f"bytes={part.offset}-"
     resp = await _request(job.session, "GET", job.url, token=job.token, headers=headers)
     async with resp:
-        total = _prepare_body(job, part, resp)
+        total = await _prepare_body(job, part, resp)
         if total is not None and part.offset == total and resp.status == 416:
             return True
         job.progress.start(job.label, total, part.offset)
         try:
             async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
-                part.write(chunk)
+                await part.write(chunk)
                 if total is not None and part.offset > total:
-                    part.restart()
+                    await part.restart()
                     raise _TransientError("server sent more bytes than the file has")
                 job.progress.update(part.offset)
         finally:
@@ -672,7 +705,7 @@ async def _transfer_once(job: _Job, part: _Partial) -> bool:
         raise _TransientError(f"connection closed at {part.offset} of {total} bytes")
 
 
-def _prepare_body(job: _Job, part: _Partial, resp: aiohttp.ClientResponse) -> int | None:
+async def _prepare_body(job: _Job, part: _Partial, resp: aiohttp.ClientResponse) -> int | None:
     """Check the status of a GET and return the file's total size (None if unknown)."""
     status = resp.status
     if status in (401, 403, 404) and resp.url.origin() == URL(job.url).origin():
@@ -681,7 +714,7 @@ def _prepare_body(job: _Job, part: _Partial, resp: aiohttp.ClientResponse) -> in
         _, total = _parse_content_range(resp.headers.get("Content-Range"))
         total = job.meta.size if job.meta.size is not None else total
         if total is None or part.offset != total:
-            part.restart()
+            await part.restart()
             raise _TransientError("range not satisfiable; starting the file over")
         return total
     if _is_transient(status) or status in (401, 403):  # a CDN hiccup or an expired signature
@@ -689,12 +722,12 @@ def _prepare_body(job: _Job, part: _Partial, resp: aiohttp.ClientResponse) -> in
     if status == 206:
         start, total = _parse_content_range(resp.headers.get("Content-Range"))
         if start != part.offset:
-            part.restart()
+            await part.restart()
             raise _TransientError(f"server resumed at {start}, not {part.offset}")
     elif status == 200:
         if part.offset:
             log.info("server ignored the range; starting over", extra={"file": job.label})
-            part.restart()
+            await part.restart()
         total = resp.content_length
     else:
         raise DownloadError(f"{job.label}: HTTP {status} from {resp.url.origin()}")
@@ -723,7 +756,7 @@ async def _transfer(job: _Job) -> tuple[int, str]:
             before = part.offset
             try:
                 if await _transfer_once(job, part):
-                    return part.offset, part.digest()
+                    return part.offset, await part.digest()
             except _RETRYABLE as exc:
                 failures = 1 if part.offset > before else failures + 1
                 if failures >= job.retry.max_attempts:
@@ -739,7 +772,7 @@ async def _transfer(job: _Job) -> tuple[int, str]:
                 )
                 await asyncio.sleep(delay)
     finally:
-        part.close(sync=True)
+        await asyncio.to_thread(part.close, sync=True)  # fsync off the loop
 
 
 async def _fetch_verified(job: _Job) -> None:

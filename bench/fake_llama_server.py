@@ -3,7 +3,8 @@
 
 A worker can launch this file in place of llama-server: it takes llama-server's command line
 (``-m/--model PATH --host H --port P -np/--parallel N -c/--ctx-size N --api-key K -a/--alias A
---metrics``; the key may come from ``LLAMA_API_KEY`` instead, as with llama-server) and ignores every other flag, with or without a value.
+--metrics``; the key may come from ``LLAMA_API_KEY`` instead, as with llama-server) and
+ignores every other flag, with or without a value.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /props``, ``GET /slots``, ``GET /metrics``
 (with ``--metrics``), ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming and

@@ -56,6 +56,7 @@ FULL_POLICY = Policy(
     mmproj_file="mmproj-F16.gguf",
     family="qwen3",
     parameters="30B",
+    max_message_bytes=65 * 1024 * 1024,
 )
 
 TOOL_CALL = {
@@ -69,7 +70,7 @@ TOOL_CALL = {
 FULL_MESSAGES: list[Any] = [
     Hello(gpu_key="adm_key", capabilities=FULL_CAPS, policy_only=True),
     Config(capabilities=FULL_CAPS),
-    Heartbeat(),
+    Heartbeat(jobs=["chatcmpl-1"]),
     Token(job_id="chatcmpl-1", token="Hel", reasoning=True, logprobs=[{"token": "Hel", "logprob": -0.1}]),
     ToolCallDelta(job_id="chatcmpl-1", tool_calls=[TOOL_CALL]),
     Complete(
@@ -87,7 +88,7 @@ FULL_MESSAGES: list[Any] = [
     ),
     Error(error="boom", job_id="chatcmpl-1", details="more", status=400, retryable=True),
     PromptProgress(job_id="chatcmpl-1", total=100, cached=20, processed=50),
-    HelloAck(success=True, gpu_id="9f0c", policy=FULL_POLICY, error="none"),
+    HelloAck(success=True, gpu_id="9f0c", policy=FULL_POLICY, error="none", retryable=True, retry_after=2.5),
     HeartbeatAck(),
     ConfigAck(success=False, error="bad capabilities"),
     Job(
@@ -103,6 +104,7 @@ FULL_MESSAGES: list[Any] = [
         reply_to="instance-a",
         attempt=2,
         deadline=1700000000.5,
+        timeout_s=299.5,
     ),
     Cancel(job_id="chatcmpl-1"),
     PolicyUpdate(policy=FULL_POLICY),
