@@ -110,6 +110,8 @@ class RouterConfig:
     trusted_proxies: tuple[Network, ...] = ()
     write_timeout: float = 30.0
     health_refresh: float = 1.0
+    auth_failure_burst: int = 20
+    auth_failures_per_minute: int = 30
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> RouterConfig:
@@ -163,6 +165,8 @@ class RouterConfig:
             trusted_proxies=trusted,
             write_timeout=read.duration("AUXOT_WRITE_TIMEOUT", 30.0, minimum=0.05),
             health_refresh=read.duration("AUXOT_HEALTH_REFRESH", 1.0, minimum=0.05),
+            auth_failure_burst=read.integer("AUXOT_AUTH_FAILURE_BURST", 20, minimum=1),
+            auth_failures_per_minute=read.integer("AUXOT_AUTH_FAILURES_PER_MINUTE", 30, minimum=1),
         )
 
     def resolve(self, *, vram_total_gb: float = 0.0, vram_free_gb: float = 0.0) -> ModelResolution:
@@ -470,7 +474,8 @@ class Router:
         self.relay = RelayPublisher(self.queue)
         self.pool = WorkerPool()
         self.tracker = JobTracker(self)
-        self.auth_failures = FailureLimiter()  # shared: a client's wrong keys count whatever their role
+        # shared: a client's wrong keys count whatever their role
+        self.auth_failures = FailureLimiter(config.auth_failure_burst, config.auth_failures_per_minute)
         self.api_keys = KeyVerifier(config.api_key_hashes, cache_ttl=config.auth_cache_ttl, limiter=self.auth_failures)
         self.admin_keys = KeyVerifier(
             config.admin_key_hashes, cache_ttl=config.auth_cache_ttl, limiter=self.auth_failures
@@ -954,8 +959,10 @@ async def admission_middleware(
         return await handler(request)
     if router.draining:
         return error_response(request, 503, "the router is shutting down; retry on another instance", retry_after=1)
-    if request.path == "/ws" and len(router.pool.workers) >= router.config.max_workers:
-        return error_response(request, 503, "too many workers are connected (AUXOT_MAX_WORKERS)", retry_after=30)
+    if request.path == "/ws":  # worker sockets have their own bound and never use a request slot
+        if len(router.pool.workers) >= router.config.max_workers:
+            return error_response(request, 503, "too many workers are connected (AUXOT_MAX_WORKERS)", retry_after=30)
+        return await handler(request)
     if router.in_flight >= router.config.max_requests:
         return error_response(request, 503, "too many requests in flight; try again shortly", retry_after=1)
     router.in_flight += 1

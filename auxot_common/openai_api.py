@@ -83,6 +83,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if tools is not None:
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise RequestError(400, "tools must be an array of objects", param="tools")
+        for index, tool in enumerate(tools):
+            _check_tool(index, tool)
         request.tools = _force_named_tool(tools, request.params)
     effort = obj.get("reasoning_effort")
     if effort is not None:
@@ -198,6 +200,8 @@ def _passthrough(obj: JSONObject) -> JSONObject:
 
 
 def _check_message(index: int, message: Any) -> None:
+    """Deep enough that nothing malformed reaches a worker: every item the worker or
+    llama-server reads has the type they expect."""
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise RequestError(400, f"{where} must be an object", param=where)
@@ -207,12 +211,55 @@ def _check_message(index: int, message: Any) -> None:
     if content is not None and not isinstance(content, str | list):
         raise RequestError(400, f"{where}.content must be a string or an array of parts", param=where)
     if isinstance(content, list):
-        for part in content:
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise RequestError(400, f"{where}.content parts must be objects with a type", param=where)
+        for number, part in enumerate(content):
+            _check_part(where, f"{where}.content[{number}]", part)
+    for name in ("name", "tool_call_id", "reasoning_content"):
+        if message.get(name) is not None and not isinstance(message[name], str):
+            raise RequestError(400, f"{where}.{name} must be a string", param=where)
     tool_calls = message.get("tool_calls")
     if tool_calls is not None and not isinstance(tool_calls, list):
         raise RequestError(400, f"{where}.tool_calls must be an array", param=where)
+    for number, call in enumerate(tool_calls or []):
+        _check_tool_call(where, f"{where}.tool_calls[{number}]", call)
+
+
+def _check_part(param: str, where: str, part: Any) -> None:
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise RequestError(400, f"{where}: content parts must be objects with a type", param=param)
+    kind = part["type"]
+    if kind == "text" and not isinstance(part.get("text"), str):
+        raise RequestError(400, f"{where}.text must be a string", param=param)
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise RequestError(400, f"{where}.image_url must be a URL string or an object with a url", param=param)
+
+
+def _check_tool_call(param: str, where: str, call: Any) -> None:
+    if not isinstance(call, dict):
+        raise RequestError(400, f"{where} must be an object", param=param)
+    for name in ("id", "type"):
+        if call.get(name) is not None and not isinstance(call[name], str):
+            raise RequestError(400, f"{where}.{name} must be a string", param=param)
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise RequestError(400, f"{where}.function must be an object with a string name", param=param)
+    arguments = function.get("arguments")
+    if arguments is not None and not isinstance(arguments, str | dict):
+        raise RequestError(400, f"{where}.function.arguments must be a JSON string", param=param)
+
+
+def _check_tool(index: int, tool: JSONObject) -> None:
+    where = f"tools[{index}]"
+    if tool.get("type") is not None and not isinstance(tool["type"], str):
+        raise RequestError(400, f"{where}.type must be a string", param=where)
+    function = tool.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise RequestError(400, f"{where}.function must be an object with a name", param=where)
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise RequestError(400, f"{where}.function.parameters must be a JSON schema object", param=where)
 
 
 def usage_object(msg: Complete) -> JSONObject:

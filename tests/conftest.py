@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from hypothesis import settings
 
 from auxot_common.auth import API_KEY_PREFIX, GPU_KEY_PREFIX, generate_key, hash_key
 from tests.support.llama_server import llama_server_binary
@@ -124,3 +126,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+# Property-based tests: a fixed example budget, derandomized, so CI runs the same examples every
+# time (HYPOTHESIS_PROFILE=dev for a longer random search locally).
+settings.register_profile("ci", max_examples=300, derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", max_examples=3000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

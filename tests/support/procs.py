@@ -165,13 +165,11 @@ class WorkerProcess(Process):
     ) -> None:
         """``model`` / ``llama`` None: no ``--model-path`` / ``--llama-server-path`` (the worker
         downloads them); ``flags`` are appended to the command line."""
-        env = base_env(**{"AUXOT_LOG_LEVEL": "debug", "AUXOT_HEARTBEAT_INTERVAL": "1s", **settings})
-        args = [
-            sys.executable,
-            str(REPO / "auxot_worker.py"),
-            "--gpu-key", gpu_key if gpu_key is not None else router.keys.gpu_key,
-            "--router-url", router.ws_url,
-        ]  # fmt: skip
+        key = gpu_key if gpu_key is not None else router.keys.gpu_key
+        # the key in the environment, as the README says: a command line is public in `ps`
+        defaults = {"AUXOT_LOG_LEVEL": "debug", "AUXOT_HEARTBEAT_INTERVAL": "1s", "AUXOT_GPU_KEY": key}
+        env = base_env(**{**defaults, **settings})
+        args = [sys.executable, str(REPO / "auxot_worker.py"), "--router-url", router.ws_url]
         if model is not None:
             args += ["--model-path", str(model)]
         if llama is not None:
