@@ -5,13 +5,10 @@ worker's misbehaviour."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
 from auxot_common import protocol as proto
 from tests.conftest import Cluster
@@ -192,33 +189,6 @@ def test_ws_frames_before_the_key_is_verified_are_small(fake_cluster: Cluster) -
     assert router.health()["status"] == "ok"
 
 
-# --- 10. a caller that stops reading frees its request slot ----------------------------------------
-
-
-def test_a_caller_that_stops_reading_frees_its_slot(fake_cluster: Cluster) -> None:
-    router = fake_cluster.router(AUXOT_MAX_REQUESTS="1", AUXOT_WRITE_TIMEOUT="1s")
-    fake_cluster.worker(router, FAKE_LLAMA_DEFAULT_TOKENS="2000000")
-    body = orjson.dumps({"messages": USER, "stream": True})
-    stalled = socket.create_connection(("127.0.0.1", router.port))
-    stalled.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Authorization: Bearer {router.keys.api_key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    try:
-        deadline = time.monotonic() + 60
-        status = 0
-        while time.monotonic() < deadline:
-            status = chat(router, {"messages": USER, "max_tokens": 2}).status
-            if status == 200:
-                break
-            assert status == 503  # the one request slot is held meanwhile
-            time.sleep(0.5)
-        assert status == 200
-    finally:
-        stalled.close()
-
-
 # --- 11. keys are never in a command line -------------------------------------------------------
 
 
@@ -236,3 +206,73 @@ def test_worker_key_from_a_file_and_no_key_in_any_command_line(fake_cluster: Clu
         assert b"--api-key" not in command
     # llama-server still wants its own key: a request without it is refused
     assert http.get(f"http://127.0.0.1:{worker.llama_port()}/v1/models").status == 401
+
+
+# --- 4. text is never duplicated on retry (unit level: the tracker's batch handling) -------------
+
+
+class _QueueStub:
+    def __init__(self) -> None:
+        self.requeued: list[str] = []
+
+    async def depth(self) -> int:
+        return 0
+
+    async def enqueue(self, job: proto.Job, raw: bytes) -> None:
+        self.requeued.append(job.job_id)
+
+
+async def test_tokens_and_worker_loss_in_one_batch_fail_instead_of_requeueing() -> None:
+    from types import SimpleNamespace
+
+    from auxot_router import JobTracker
+
+    queue = _QueueStub()
+    config = SimpleNamespace(max_attempts=3, job_timeout=60.0, max_ws_message_bytes=1 << 20, max_queue=10)
+    router = SimpleNamespace(queue=queue, config=config, instance_id="i", cancel_job=None)
+
+    async def cancel_job(job_id: str, dispatched_to: object) -> None:
+        return None
+
+    router.cancel_job = cancel_job
+    tracker = JobTracker(router)  # type: ignore[arg-type]
+    handle = await tracker.submit(proto.Job(job_id="j", messages=USER, stream=True))
+    for message in (proto.Token("j", "Hel"), proto.Token("j", "lo"), proto.WorkerLost("j", "socket closed")):
+        handle.events.put(message)
+    batches = [batch async for batch in tracker.events(handle, keepalive=60.0)]
+    delivered = [m for batch in batches for m in batch]
+    assert [type(m) for m in delivered] == [proto.Token, proto.Token, proto.Error]
+    assert queue.requeued == ["j"]  # only the first submission: the job was not re-queued
+
+
+# --- 3. one Argon2 verification per key, however many arrive at once -----------------------------
+
+
+async def test_concurrent_first_requests_share_one_verification() -> None:
+    from auxot_common.auth import FailureLimiter, KeyVerifier, NamedHash, generate_key, hash_key
+
+    key = generate_key("rtr_")
+    limiter = FailureLimiter(burst=20, per_minute=1)  # no refill within the test
+    verifier = KeyVerifier([NamedHash("k", hash_key(key))], cache_ttl=0.5, limiter=limiter)
+    try:
+        names = await asyncio.gather(*(verifier.verify(key) for _ in range(16)))
+        assert names == ["k"] * 16 and verifier.argon2_runs == 1
+        for _ in range(4):  # used more often than the TTL: never verified again
+            await asyncio.sleep(0.2)
+            assert await verifier.verify(key) == "k"
+        assert verifier.argon2_runs == 1
+        # a flood of unknown keys from one address is refused without Argon2 once its budget is spent
+    finally:
+        verifier.close()
+    verifier = KeyVerifier([NamedHash("k", hash_key(key))], limiter=limiter)
+    try:
+        assert await verifier.verify(key) == "k"
+        # while the known key stays in use from the same address, and is never refused
+        results = []
+        for i in range(25):
+            results.append(await verifier.authenticate(f"rtr_bad{i}", "198.51.100.1"))
+            assert (await verifier.authenticate(key, "198.51.100.1")).name == "k"
+        assert verifier.argon2_runs == 1 + 20
+        assert results[-1].outcome.value == "limited"
+    finally:
+        verifier.close()
