@@ -1536,7 +1536,7 @@ def setup_command(args: list[str]) -> int:
     env_lines = f"AUXOT_ADMIN_KEY_HASH='{admin_hash}'\nAUXOT_API_KEY_HASH='{api_hash}'\nAUXOT_MODEL={model}\n"
     print("auxot-router setup\n==================\n")
     print(f"GPU key (for workers):   {gpu_key}")
-    print(f"  run a worker with:     python auxot_worker.py --gpu-key {gpu_key} --router-url ws://HOST:8080/ws\n")
+    print(f"  run a worker with:     AUXOT_GPU_KEY={gpu_key} python auxot_worker.py --router-url ws://HOST:8080/ws\n")
     print(f"API key (for callers):   {api_key}")
     print("  use it as the OpenAI/Anthropic API key (Authorization: Bearer or x-api-key)\n")
     print("SAVE THESE KEYS NOW: they are not stored anywhere and will not be shown again.\n")

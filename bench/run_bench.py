@@ -241,10 +241,10 @@ class Stack:
         router = self.spawn("router", [sys.executable, str(ROOT / "auxot_router.py")], router_env)
         url = f"http://127.0.0.1:{port}"
         await wait_until(session, url + "/health", lambda _: True, [router], 30)
-        worker = self.spawn("worker", [sys.executable, str(ROOT / "auxot_worker.py"), "--gpu-key", self.keys.gpu,
+        worker = self.spawn("worker", [sys.executable, str(ROOT / "auxot_worker.py"),
                                        "--router-url", f"ws://127.0.0.1:{port}/ws", "--model-path", str(model),
                                        "--llama-server-path", str(BENCH / "fake_llama_server.py")],
-                            {"AUXOT_LOG_LEVEL": "warning"})  # fmt: skip
+                            {"AUXOT_LOG_LEVEL": "warning", "AUXOT_GPU_KEY": self.keys.gpu})  # fmt: skip
 
         def ready(body: Any) -> bool:
             return int(body.get("workers", 0)) >= 1 and int(body.get("available", body.get("total_slots", 1))) > 0
