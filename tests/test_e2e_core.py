@@ -496,7 +496,7 @@ def test_model_typo_gets_did_you_mean(keys, tmp_path: Path) -> None:  # type: ig
 def test_requests_in_flight_are_bounded(fake_cluster: Cluster) -> None:
     """Beyond AUXOT_MAX_REQUESTS concurrent requests the router answers 503 at once, and serves
     again as soon as one finishes."""
-    router = fake_cluster.router(AUXOT_MAX_REQUESTS="2")  # the worker's socket holds one of them
+    router = fake_cluster.router(AUXOT_MAX_REQUESTS="1")  # worker sockets never use a request slot
     fake_cluster.worker(router, FAKE_LLAMA_TOKENS_PER_SEC="20")
     body = {"messages": PROMPT, "max_tokens": 20, "stream": True}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
