@@ -364,7 +364,9 @@ def llama_get(worker: WorkerProcess, path: str) -> Any:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if b"--port" in args:
             port = int(args[args.index(b"--port") + 1])
-            key = args[args.index(b"--api-key") + 1].decode() if b"--api-key" in args else ""
+            # the key is in llama-server's environment (LLAMA_API_KEY), never in its command line
+            env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
+            key = env.get(b"LLAMA_API_KEY", b"").decode()
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             return orjson.loads(http.get(f"http://127.0.0.1:{port}{path}", headers=headers, timeout=5).body)
     raise RuntimeError("the worker has no llama-server child")
