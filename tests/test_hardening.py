@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 
 from auxot_common import protocol as proto
 from tests.conftest import Cluster
@@ -276,3 +277,23 @@ async def test_concurrent_first_requests_share_one_verification() -> None:
         assert results[-1].outcome.value == "limited"
     finally:
         verifier.close()
+
+
+# --- 8. Anthropic's message_start carries the real prompt size ----------------------------------
+
+
+def test_message_start_reports_the_prompt_size_before_the_first_token(cluster: Cluster) -> None:
+    """Claude Code tracks its context from message_start; with the real llama-server."""
+    router = cluster.router()
+    cluster.worker(router)
+    body = {"model": "m", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "Hello there"}]}
+    reply = anthropic(router, body)
+    assert reply.status == 200
+    events = [
+        orjson.loads(line[len(b"data: ") :]) for line in reply.body.split(b"\n") if line.startswith(b"data: ")
+    ]
+    start = events[0]["message"]["usage"]
+    final = next(e for e in events if e["type"] == "message_delta")["usage"]
+    prompt_at_start = start["input_tokens"] + start["cache_read_input_tokens"]
+    assert prompt_at_start > 0
+    assert prompt_at_start == final["input_tokens"] + final["cache_read_input_tokens"]
