@@ -575,6 +575,7 @@ class Router:
         self.admin_keys = KeyVerifier(config.admin_key_hashes, cache_ttl=config.auth_cache_ttl)
         self.auth_failures = FailureLimiter()
         self.registry, self.catalog = config.load_catalog()
+        self.queue.single_stream = self.single_model
         self._set_default()
         for spec in self.catalog.specs:
             self.pool.pools[spec.name] = ModelPool(spec)
@@ -859,6 +860,7 @@ class Router:
         )
         config.models, config.models_file = fresh.models, fresh.models_file
         self.registry, self.catalog = registry, catalog
+        self.queue.single_stream = self.single_model
         self.models_file_mtime = self._models_file_mtime()
         self._set_default()
         removed = [pool for name, pool in self.pool.pools.items() if catalog.get(name) is None]

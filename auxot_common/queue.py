@@ -4,7 +4,8 @@ Keys (``prefix`` defaults to ``auxot:``):
 
 ==============================  ======  ===========================================================
 ``{p}jobs:{model_key}``          stream  one per model: ``job_id``, ``data`` (the job message);
-                                         ``{p}jobs`` for jobs that name no model (``Job.model`` "")
+                                         ``{p}jobs`` for jobs that name no model, and for the one
+                                         model of a router configured with ``AUXOT_MODEL``
 group ``workers`` on each        group   one consumer per *router instance* (see below)
 ``{p}inbox:{instance}``          stream  relay of job events to the instance holding the caller
 ``{p}cancelled:{job_id}``        string  set when a caller gave up; dispatch skips the job
@@ -91,12 +92,17 @@ class StreamQueue:
         self._inbox_added = asyncio.Event()
         self._inbox_last_id = "0-0"
         self._waiting: defaultdict[str, int] = defaultdict(int)  # embedded: the only reader and writer
+        # one model configured with AUXOT_MODEL: its jobs stay on ``{p}jobs``, the key of every
+        # release before several models, so an upgrade finds the jobs already queued
+        self.single_stream = False
 
     # --- keys -----------------------------------------------------------------------------------
 
     def stream_key(self, model: str = "") -> str:
         """The job stream of ``model`` (its canonical name); ``{p}jobs`` for ``""``."""
-        return f"{self.prefix}jobs:{model_key(model)}" if model else self.jobs_key
+        if self.single_stream or not model:
+            return self.jobs_key
+        return f"{self.prefix}jobs:{model_key(model)}"
 
     def inbox_key(self, instance_id: str) -> str:
         return f"{self.prefix}inbox:{instance_id}"
