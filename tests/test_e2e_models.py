@@ -314,3 +314,21 @@ def test_embeddings_through_the_openai_sdk_and_raw_http(cluster: Cluster, tmp_pa
     assert wrong.status == 400 and "not an embedding model" in wrong.json()["error"]["message"]
     wrong = chat(router, "Tiny-Embed")
     assert wrong.status == 400 and "/v1/embeddings" in wrong.json()["error"]["message"]
+
+
+def test_saving_the_models_file_applies_it_and_a_bad_one_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    """The router notices a changed models file (as it would a SIGHUP): a new model is listed
+    and served at once; an invalid file changes nothing and is logged."""
+    alpha_only = '[[models]]\nname = "Tiny-Alpha"\n'
+    router = models_router(cluster, tmp_path, alpha_only, AUXOT_BALANCE_INTERVAL="0.1s")
+
+    def models() -> list[str]:
+        return [m["id"] for m in http.get(f"{router.url}/v1/models", headers=router.headers()).json()["data"]]
+
+    assert models() == ["Tiny-Alpha"]
+    (tmp_path / "models.toml").write_text(DEMAND)
+    wait_for(lambda: models() == ["Tiny-Alpha", "Tiny-Beta"], 10, "the new model to be listed")
+    assert router.health()["models"]["Tiny-Beta"]["workers"] == 0
+    (tmp_path / "models.toml").write_text(DEMAND + '\n[[models]]\nname = "Tiny-Gamma"\n')
+    wait_for(lambda: "reload refused" in router.log(), 10, "the invalid file to be refused")
+    assert "Tiny-Gamma" in router.log() and models() == ["Tiny-Alpha", "Tiny-Beta"]
