@@ -351,10 +351,12 @@ class DeadSocket:
 async def main():
     config = r.RouterConfig.from_env({"AUXOT_API_KEY_HASH": sys.argv[1], "AUXOT_ADMIN_KEY_HASH": sys.argv[1]})
     router = r.Router(config, fakeredis.FakeAsyncRedis(), server_blocking=False)
-    router.pool.add(r.WorkerConnection(worker_id="w", ws=DeadSocket(), capabilities=proto.Capabilities(), slots=2))
-    router.backlog.append(("1-0", proto.Job(job_id="j1")))
-    await asyncio.wait_for(router._dispatch_backlog(), 2)
-    print("returned", DeadSocket.sends, len(router.backlog))
+    worker = r.WorkerConnection(worker_id="w", ws=DeadSocket(), capabilities=proto.Capabilities(), slots=2)
+    router.pool.add(worker, router.model_name)
+    pool = router.pool.pool(router.model_name)
+    pool.backlog.append(("1-0", proto.Job(job_id="j1", model=router.model_name)))
+    await asyncio.wait_for(router._dispatch_backlog(pool), 2)
+    print("returned", DeadSocket.sends, len(pool.backlog))
 
 asyncio.run(main())
 """
