@@ -95,7 +95,9 @@ def served_tasks(process: WorkerProcess) -> int:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if b"--port" in args:
             port = int(args[args.index(b"--port") + 1])
-            key = args[args.index(b"--api-key") + 1].decode()
+            # the worker gives llama-server its key in the environment (LLAMA_API_KEY), never in argv
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            key = next(e.split(b"=", 1)[1] for e in environ if e.startswith(b"LLAMA_API_KEY=")).decode()
             text = http.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {key}"}).body
             for line in text.decode().splitlines():
                 if line.startswith("llamacpp:tokens_predicted_total"):

@@ -216,7 +216,7 @@ class _QueueStub:
     def __init__(self) -> None:
         self.requeued: list[str] = []
 
-    async def depth(self) -> int:
+    async def depth(self, model: str = "") -> int:
         return 0
 
     async def enqueue(self, job: proto.Job, raw: bytes) -> None:
