@@ -13,6 +13,8 @@ additions:
 - ``tool_call_delta`` streams tool-call fragments as llama-server produces them.
 - ``error.status`` carries the HTTP status llama-server answered with, so that a prompt that
   does not fit becomes a 400 for the caller instead of a 500.
+- ``complete.prompt_ms`` (llama-server's ``timings.prompt_ms``) lets the router learn each
+  worker's prefill speed; ``job.session`` is a hash of the client's session id (a routing hint).
 - ``job.stream`` tells the worker whether the caller streams; tokens of a non-streaming job are
   not sent one by one, only the ``complete`` with the full text.
 
@@ -152,6 +154,7 @@ class Complete:
     input_tokens: int = 0
     output_tokens: int = 0
     cache_tokens: int = 0
+    prompt_ms: float = 0.0  # llama-server's timings.prompt_ms: the router learns prefill speed
     tool_calls: list[JSONObject] = field(default_factory=list)
     reasoning_content: str = ""
     reasoning_tokens: int = 0
@@ -234,6 +237,7 @@ class Job:
     reply_to: str = ""
     attempt: int = 1
     deadline: float = 0.0
+    session: str = ""  # hash of the client's session id: a routing hint (auxot_common.routing)
     type: ClassVar[str] = "job"
     _always: ClassVar[frozenset[str]] = frozenset({"job_id", "messages"})
 

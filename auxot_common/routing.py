@@ -362,7 +362,7 @@ class CacheAwarePolicy:
         block_tokens = config.block_bytes / self._bytes_per_token
         total_tokens = self.tokens(key.total_bytes)
 
-        best: tuple[float, int, int, str] | None = None
+        best: tuple[float, int, int, float, str] | None = None
         best_worker: WorkerView | None = None
         best_cached = 0
         warm_busy_saving = 0.0
@@ -381,8 +381,10 @@ class CacheAwarePolicy:
                 continue
             busy = len(worker.running) / max(worker.slots, 1)
             cost = prefill_s + config.load_cost_s * busy
-            # ties: the session's worker, then the most free slots, then a stable order
-            rank = (cost, 0 if worker.worker_id == hinted else 1, -worker.free, worker.worker_id)
+            # ties: the session's worker, the most free slots, the emptiest cache (a new prompt
+            # evicts the least there), then a stable order
+            fill = len(stats.index) / stats.index.capacity
+            rank = (cost, 0 if worker.worker_id == hinted else 1, -worker.free, fill, worker.worker_id)
             if best is None or rank < best:
                 best, best_worker, best_cached = rank, worker, cached
         if best_worker is None:
