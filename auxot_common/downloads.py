@@ -392,7 +392,9 @@ async def _request(
         send = dict(headers)
         if token and current.origin() == origin:
             send["Authorization"] = f"Bearer {token}"
-        resp = await session.request(method, current, headers=send, allow_redirects=False, timeout=_TIMEOUT)
+        resp = await session.request(
+            method, current, headers=send, allow_redirects=False, timeout=_TIMEOUT
+        )
         location = resp.headers.get("Location")
         if resp.status not in _REDIRECT_STATUSES or not location or stop(resp):
             return resp
@@ -451,7 +453,9 @@ async def probe(
 
     async def once() -> RemoteMeta:
         headers = {"Accept-Encoding": "identity"}
-        resp = await _request(session, "HEAD", url, token=token, headers=headers, stop=_has_linked_headers)
+        resp = await _request(
+            session, "HEAD", url, token=token, headers=headers, stop=_has_linked_headers
+        )
         async with resp:
             if resp.status in _REDIRECT_STATUSES or resp.status == 200:
                 return _meta_from(resp)
@@ -468,7 +472,9 @@ def _has_linked_headers(resp: aiohttp.ClientResponse) -> bool:
     return "X-Linked-Size" in resp.headers or "X-Linked-Etag" in resp.headers
 
 
-async def _with_retries(func: Callable[[], Awaitable[_T]], policy: RetryPolicy, label: str, *, what: str) -> _T:
+async def _with_retries(
+    func: Callable[[], Awaitable[_T]], policy: RetryPolicy, label: str, *, what: str
+) -> _T:
     failures = 0
     while True:
         try:
@@ -476,17 +482,14 @@ async def _with_retries(func: Callable[[], Awaitable[_T]], policy: RetryPolicy, 
         except _RETRYABLE as exc:
             failures += 1
             if failures >= policy.max_attempts:
-                raise DownloadError(f"{label}: {what} failed after {failures} attempts: {exc!r}") from exc
+                raise DownloadError(
+                    f"{label}: {what} failed after {failures} attempts: {exc!r}"
+                ) from exc
             delay = policy.delay(failures, getattr(exc, "retry_after", None))
             log.warning(
                 "download retry",
-                extra={
-                    "file": label,
-                    "attempt": failures,
-                    "delay_s": round(delay, 2),
-                    "error": repr(exc),
-                    "stage": what,
-                },
+                extra={"file": label, "attempt": failures, "delay_s": round(delay, 2),
+                       "error": repr(exc), "stage": what},
             )
             await asyncio.sleep(delay)
 
@@ -731,14 +734,8 @@ async def _transfer(job: _Job) -> tuple[int, str]:
                 delay = job.retry.delay(failures, getattr(exc, "retry_after", None))
                 log.warning(
                     "download retry",
-                    extra={
-                        "file": job.label,
-                        "attempt": failures,
-                        "bytes": part.offset,
-                        "delay_s": round(delay, 2),
-                        "error": repr(exc),
-                        "stage": "get",
-                    },
+                    extra={"file": job.label, "attempt": failures, "bytes": part.offset,
+                           "delay_s": round(delay, 2), "error": repr(exc), "stage": "get"},
                 )
                 await asyncio.sleep(delay)
     finally:
@@ -856,13 +853,8 @@ async def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     async with file_lock(dest.with_name(f".{dest.name}.lock")):
         return await _download_locked(
-            session,
-            url,
-            dest,
-            token=token,
-            progress=progress or ProgressReporter(),
-            retry=retry or RetryPolicy(),
-            label=name,
+            session, url, dest, token=token, progress=progress or ProgressReporter(),
+            retry=retry or RetryPolicy(), label=name,
         )
 
 
@@ -900,13 +892,8 @@ async def _download_locked(
     await _fetch_verified(job)
     log.info(
         "download complete",
-        extra={
-            "file": name,
-            "path": str(dest),
-            "bytes": _size_of(dest),
-            "sha256": meta.sha256,
-            "verified": meta.sha256 is not None,
-        },
+        extra={"file": name, "path": str(dest), "bytes": _size_of(dest),
+               "sha256": meta.sha256, "verified": meta.sha256 is not None},
     )
     return dest
 
@@ -940,5 +927,9 @@ async def download_model_files(
     for name in expand_model_files(files):
         dest = repo_dir / _safe_relative(name)
         url = hf_resolve_url(endpoint, repo, name)
-        paths.append(await download_file(session, url, dest, token=token, progress=reporter, retry=retry, label=name))
+        paths.append(
+            await download_file(
+                session, url, dest, token=token, progress=reporter, retry=retry, label=name
+            )
+        )
     return paths

@@ -36,7 +36,9 @@ Backend = Literal["cuda", "rocm", "metal", "vulkan", "cpu"]
 PROBE_TIMEOUT_S = 5.0
 GPU_ALL_LAYERS = 9999
 NVIDIA_QUERY = "index,name,memory.total,memory.free,driver_version"
-CPU_WARNING = "No GPU detected. Using CPU (performance will be severely limited). Consider <= 7B models."
+CPU_WARNING = (
+    "No GPU detected. Using CPU (performance will be severely limited). Consider <= 7B models."
+)
 # macOS lets the GPU wire about 2/3 of unified memory on machines with up to 36 GiB and about
 # 3/4 above that (Metal's recommendedMaxWorkingSetSize); the rest stays with the OS.
 APPLE_SMALL_SHARE = 2 / 3
@@ -45,16 +47,8 @@ APPLE_LARGE_MEMORY_MB = 36 * 1024
 
 _MIB = 1024 * 1024
 _NUMBER_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
-_UNIT_TO_MB = {
-    "kib": 1 / 1024,
-    "kb": 1 / 1024,
-    "mib": 1,
-    "mb": 1,
-    "gib": 1024,
-    "gb": 1024,
-    "tib": 1024 * 1024,
-    "tb": 1024 * 1024,
-}
+_UNIT_TO_MB = {"kib": 1 / 1024, "kb": 1 / 1024, "mib": 1, "mb": 1, "gib": 1024, "gb": 1024,
+               "tib": 1024 * 1024, "tb": 1024 * 1024}
 _SOFTWARE_VULKAN = ("llvmpipe", "lavapipe", "swiftshader", "softpipe")
 
 
@@ -150,7 +144,8 @@ def parse_nvidia_smi(text: str) -> list[GpuDevice]:
         if len(cols) < 4 or not cols[0].isdigit():
             continue
         devices.append(
-            GpuDevice(name=cols[1], vram_total_mb=_to_mb(cols[2]), vram_free_mb=_to_mb(cols[3]), index=int(cols[0]))
+            GpuDevice(name=cols[1], vram_total_mb=_to_mb(cols[2]),
+                      vram_free_mb=_to_mb(cols[3]), index=int(cols[0]))
         )
     return devices
 
@@ -207,7 +202,8 @@ def parse_rocm_smi(text: str) -> list[GpuDevice]:
 def _rocm_device(index: int, card: Mapping[str, Any]) -> GpuDevice:
     fields = {str(k).lower(): str(v) for k, v in card.items()}
     name = next(
-        (fields[k] for k in ("card series", "device name", "marketing name", "card model") if fields.get(k)),
+        (fields[k] for k in ("card series", "device name", "marketing name", "card model")
+         if fields.get(k)),
         f"AMD GPU {index}",
     )
     total = _int_or_zero(fields.get("vram total memory (b)")) // _MIB
@@ -299,8 +295,7 @@ async def run_probe(argv: Sequence[str], timeout: float = PROBE_TIMEOUT_S) -> st
         return None
     try:
         proc = await asyncio.create_subprocess_exec(
-            exe,
-            *argv[1:],
+            exe, *argv[1:],
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
@@ -335,7 +330,9 @@ async def reap(proc: asyncio.subprocess.Process) -> None:
 
 
 async def _probe_nvidia(timeout: float) -> GpuInfo | None:
-    out = await run_probe(["nvidia-smi", f"--query-gpu={NVIDIA_QUERY}", "--format=csv,noheader,nounits"], timeout)
+    out = await run_probe(
+        ["nvidia-smi", f"--query-gpu={NVIDIA_QUERY}", "--format=csv,noheader,nounits"], timeout
+    )
     if out is None:
         return None
     devices = filter_visible(parse_nvidia_smi(out), os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -345,7 +342,8 @@ async def _probe_nvidia(timeout: float) -> GpuInfo | None:
 
 
 async def _probe_rocm(timeout: float) -> GpuInfo | None:
-    out = await run_probe(["rocm-smi", "--showproductname", "--showmeminfo", "vram", "--json"], timeout)
+    out = await run_probe(["rocm-smi", "--showproductname", "--showmeminfo", "vram", "--json"],
+                          timeout)
     devices = parse_rocm_smi(out) if out is not None else []
     return GpuInfo("rocm", devices) if devices else None
 

@@ -53,14 +53,11 @@ CUDA_BUILDS: Mapping[tuple[str, str], tuple[tuple[str, tuple[int, int]], ...]] =
     ("linux", "arm64"): (("13.4", (580, 65)),),
     ("windows", "x64"): (("13.4", (580, 88)), ("12.4", (551, 61))),
 }
-_CMAKE_FLAGS = {
-    "cuda": "-DGGML_CUDA=ON",
-    "vulkan": "-DGGML_VULKAN=ON",
-    "rocm": "-DGGML_HIP=ON",
-    "metal": "-DGGML_METAL=ON",
-}
+_CMAKE_FLAGS = {"cuda": "-DGGML_CUDA=ON", "vulkan": "-DGGML_VULKAN=ON", "rocm": "-DGGML_HIP=ON",
+                "metal": "-DGGML_METAL=ON"}
 # How `llama-server --list-devices` names each backend's devices (CUDA0, ROCm0, Vulkan0, MTL0).
-_DEVICE_PREFIX = {"cuda": ("CUDA",), "rocm": ("ROCm", "HIP"), "vulkan": ("Vulkan",), "metal": ("MTL", "Metal")}
+_DEVICE_PREFIX = {"cuda": ("CUDA",), "rocm": ("ROCm", "HIP"), "vulkan": ("Vulkan",),
+                  "metal": ("MTL", "Metal")}
 
 
 class LlamaBinaryError(RuntimeError):
@@ -162,9 +159,8 @@ def _plan_windows(arch: str, backend: str, tag: str, driver_version: str) -> Ass
         cuda = cuda_build_for("windows", arch, driver_version)
         if cuda is not None:
             # The Windows CUDA runtime archive carries no tag in its name.
-            return AssetPlan(
-                f"llama-{tag}-bin-win-cuda-{cuda}-{arch}.zip", (f"cudart-llama-bin-win-cuda-{cuda}-{arch}.zip",)
-            )
+            return AssetPlan(f"llama-{tag}-bin-win-cuda-{cuda}-{arch}.zip",
+                             (f"cudart-llama-bin-win-cuda-{cuda}-{arch}.zip",))
     return None
 
 
@@ -425,7 +421,9 @@ async def _download_assets(job: _Install) -> list[Path]:
     for name in (job.plan.archive, *job.plan.companions):
         url = f"{job.base_url.rstrip('/')}/{job.tag}/{name}"
         dest = job.cache_dir / ".downloads" / name
-        paths.append(await download_file(job.session, url, dest, progress=job.progress, retry=job.retry, label=name))
+        paths.append(
+            await download_file(job.session, url, dest, progress=job.progress, retry=job.retry, label=name)
+        )
     return paths
 
 
@@ -513,6 +511,7 @@ async def ensure_llama_server(
     await _warn_if_backend_missing(binary, backend)
     log.info(
         "llama.cpp binary",
-        extra={"path": str(binary), "source": "download", "tag": tag, "asset": plan.archive, "version": version},
+        extra={"path": str(binary), "source": "download", "tag": tag, "asset": plan.archive,
+               "version": version},
     )
     return binary

@@ -138,8 +138,12 @@ class Registry:
     generated_at: str
     models: tuple[RegistryEntry, ...]
     source: str = "embedded"
-    _by_name: dict[str, list[RegistryEntry]] = field(init=False, repr=False, compare=False, default_factory=dict)
-    _by_id: dict[str, RegistryEntry] = field(init=False, repr=False, compare=False, default_factory=dict)
+    _by_name: dict[str, list[RegistryEntry]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+    _by_id: dict[str, RegistryEntry] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         for entry in self.models:
@@ -400,7 +404,9 @@ def suggest_models(registry: Registry, text: str, limit: int = 15) -> tuple[list
     ids_by_name: dict[str, list[str]] = {}
     for entry in registry.models:
         ids_by_name.setdefault(entry.model_name, []).append(entry.id)
-    substring = sorted(n for n in names if needle in n.lower() or any(needle in i for i in ids_by_name[n]))
+    substring = sorted(
+        n for n in names if needle in n.lower() or any(needle in i for i in ids_by_name[n])
+    )
     found = _unique(substring + _loose_matches(names, text))
     return found[:limit], max(0, len(found) - limit)
 
@@ -439,7 +445,10 @@ def _not_found_message(model: str, suggestions: list[str], more: int) -> str:
 
 def _quantization_message(model: str, quant: str, variants: Sequence[RegistryEntry]) -> str:
     lines = [f'model "{model}" found, but quantization "{quant}" is not available']
-    lines += [f"  AUXOT_QUANTIZATION={v.quantization:<10} ({v.vram_requirements_gb:.1f} GB VRAM)" for v in variants]
+    lines += [
+        f"  AUXOT_QUANTIZATION={v.quantization:<10} ({v.vram_requirements_gb:.1f} GB VRAM)"
+        for v in variants
+    ]
     lines.append("Omit AUXOT_QUANTIZATION (or set it to auto) to choose one automatically.")
     return "\n".join(lines)
 
@@ -521,7 +530,9 @@ def resolve_model(
     return _resolution(entry, ctx, parallel, estimate, warning)
 
 
-def _resolution(entry: RegistryEntry, ctx: int, parallel: int, estimate: VramEstimate, warning: str) -> ModelResolution:
+def _resolution(
+    entry: RegistryEntry, ctx: int, parallel: int, estimate: VramEstimate, warning: str
+) -> ModelResolution:
     return ModelResolution(
         model_name=entry.model_name,
         quantization=entry.quantization,
@@ -633,7 +644,9 @@ def kv_shape(entry: RegistryEntry) -> KvShape:
     return KvShape(56.0 * active**0.4 if active > 0 else 128.0)
 
 
-def kv_cache_bytes(entry: RegistryEntry, context_size: int, parallel: int, kv_cache_type: str = "f16") -> float:
+def kv_cache_bytes(
+    entry: RegistryEntry, context_size: int, parallel: int, kv_cache_type: str = "f16"
+) -> float:
     """KV cache bytes for ``parallel`` slots of ``context_size`` tokens each."""
     shape = kv_shape(entry)
     slots = max(parallel, 1)
@@ -737,7 +750,9 @@ def _auto_candidates(variants: Sequence[RegistryEntry]) -> list[RegistryEntry]:
     return sorted(known or list(variants), key=lambda v: quality_rank(v.quantization))
 
 
-def _too_big_warning(entry: RegistryEntry, estimate: VramEstimate, budget: float, ctx: int, parallel: int) -> str:
+def _too_big_warning(
+    entry: RegistryEntry, estimate: VramEstimate, budget: float, ctx: int, parallel: int
+) -> str:
     return (
         f"{entry.model_name} {entry.quantization} needs about {estimate.total_gb:.1f} GB "
         f"(weights {estimate.weights_gb:.1f} + KV cache {estimate.kv_cache_gb:.1f} for "
@@ -845,7 +860,10 @@ def _models_parser() -> _Parser:
 def summarise(registry: Registry) -> list[ModelSummary]:
     """One :class:`ModelSummary` per unique model name, in registry order; each row's variants
     smallest first (the registry's own order is arbitrary for some models)."""
-    return [ModelSummary(name, sorted(registry.variants(name), key=_size_key)) for name in registry.model_names()]
+    return [
+        ModelSummary(name, sorted(registry.variants(name), key=_size_key))
+        for name in registry.model_names()
+    ]
 
 
 def _size_key(entry: RegistryEntry) -> tuple[float, int]:
@@ -875,10 +893,14 @@ def _matches_search(summary: ModelSummary, text: str) -> bool:
     needle, squashed = text.lower(), _squash(text)
     first = summary.first
     haystacks = [summary.name, first.huggingface_id, *(v.id for v in summary.variants)]
-    return any(needle in h.lower() or (squashed and squashed in _squash(h)) for h in haystacks)
+    return any(
+        needle in h.lower() or (squashed and squashed in _squash(h)) for h in haystacks
+    )
 
 
-def _fit_summary(summary: ModelSummary, max_vram: float, ctx: int, parallel: int) -> ModelSummary | None:
+def _fit_summary(
+    summary: ModelSummary, max_vram: float, ctx: int, parallel: int
+) -> ModelSummary | None:
     fitting, estimates = [], {}
     for v in summary.variants:
         if v.quantization.upper() == "F32":
@@ -933,13 +955,17 @@ def _table_lines(rows: list[ModelSummary]) -> list[str]:
     right = {1, 4}  # numbers read better right-aligned
 
     def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(widths[i]) if i in right else v.ljust(widths[i]) for i, v in enumerate(values)]
+        parts = [
+            v.rjust(widths[i]) if i in right else v.ljust(widths[i]) for i, v in enumerate(values)
+        ]
         return ("  " + "  ".join(parts)).rstrip()
 
     return [line(titles)] + [line(c) for c in cells]
 
 
-def models_command(argv: list[str], out: TextIO = sys.stdout, registry: Registry | None = None) -> int:
+def models_command(
+    argv: list[str], out: TextIO = sys.stdout, registry: Registry | None = None
+) -> int:
     """``auxot-router models [--family dense|moe] [--max-vram GB [--ctx N] [--parallel N]]
     [--capability NAME] [--search TEXT] [--json]``.
 
@@ -981,5 +1007,8 @@ def _filter_note(args: argparse.Namespace, shown: int) -> str:
         return ""
     note = f"; {shown} shown"
     if args.max_vram is not None:
-        note += f"; fitting {args.max_vram:g} GB at {format_context(args.ctx)} context x {args.parallel}, f16 KV cache"
+        note += (
+            f"; fitting {args.max_vram:g} GB at {format_context(args.ctx)} context"
+            f" x {args.parallel}, f16 KV cache"
+        )
     return note

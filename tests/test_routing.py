@@ -42,7 +42,8 @@ class FakeWorker:
 
 def words(seed: str, n_bytes: int) -> str:
     """Distinct text of about ``n_bytes`` bytes."""
-    out, i = [], 0
+    out: list[str] = []
+    i = 0
     while sum(len(w) + 1 for w in out) < n_bytes:
         out.append(f"{seed}{i}")
         i += 1
@@ -70,10 +71,11 @@ def job(messages: list[dict[str, Any]], tools: list[Any] | None = None, session:
 def run(policy: CacheAwarePolicy, j: proto.Job, workers: list[FakeWorker], now: float) -> FakeWorker:
     """Pick, dispatch (the job occupies a slot until completed)."""
     choice = policy.pick(j, workers, now)
-    assert choice.worker is not None
-    policy.on_dispatch(choice.worker, j, now)
-    choice.worker.running[j.job_id] = j
-    return choice.worker
+    worker: FakeWorker = choice.worker
+    assert worker is not None
+    policy.on_dispatch(worker, j, now)
+    worker.running[j.job_id] = j
+    return worker
 
 
 def finish(policy: CacheAwarePolicy, worker: FakeWorker, j: proto.Job, *, cached: int, prompt_ms: float = 0.0) -> None:
