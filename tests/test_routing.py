@@ -43,10 +43,10 @@ class FakeWorker:
 def words(seed: str, n_bytes: int) -> str:
     """Distinct text of about ``n_bytes`` bytes."""
     out: list[str] = []
-    i = 0
-    while sum(len(w) + 1 for w in out) < n_bytes:
-        out.append(f"{seed}{i}")
-        i += 1
+    size = 0
+    while size < n_bytes:
+        out.append(f"{seed}{len(out)}")
+        size += len(out[-1]) + 1
     return " ".join(out)
 
 
