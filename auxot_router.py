@@ -63,10 +63,14 @@ from auxot_common.openai_api import (
 )
 from auxot_common.queue import RelayPublisher, StreamQueue
 from auxot_common.registry import ModelResolution, RegistryError, load_registry, resolve_model
+from auxot_common.routing import ROUTING_MODES, Choice, RoutingConfig, make_policy, session_hint
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 
 VERSION = "0.1.0"
 DEFAULT_MODEL = "Qwen3-Coder-30B-A3B"
+HELD_JOB_POLL_S = 0.05  # how soon a job held for its busy warm worker is looked at again
+WORKER_HEADER = "x-auxot-worker"
+CACHED_TOKENS_HEADER = "x-auxot-cached-tokens"
 log = logging.getLogger("auxot.router")
 
 
@@ -103,6 +107,8 @@ class RouterConfig:
     shutdown_grace: float = 30.0
     hello_timeout: float = 5.0
     sweep_interval: float = 15.0
+    routing: str = "cache"  # AUXOT_ROUTING: cache | least-busy | round-robin
+    cache_max_wait: float = 3.0  # AUXOT_CACHE_MAX_WAIT: longest hold for a busy warm worker
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> RouterConfig:
@@ -144,6 +150,8 @@ class RouterConfig:
             shutdown_grace=read.duration("AUXOT_SHUTDOWN_GRACE", 30.0),
             hello_timeout=read.duration("AUXOT_HELLO_TIMEOUT", 5.0, minimum=0.1),
             sweep_interval=read.duration("AUXOT_SWEEP_INTERVAL", 15.0, minimum=0.05),
+            routing=read.choice("AUXOT_ROUTING", "cache", ROUTING_MODES),
+            cache_max_wait=read.duration("AUXOT_CACHE_MAX_WAIT", 3.0),
         )
 
     def resolve(self, *, vram_total_gb: float = 0.0, vram_free_gb: float = 0.0) -> ModelResolution:
@@ -223,11 +231,22 @@ class WorkerConnection:
 
 
 class WorkerPool:
-    """The workers connected to this instance; wakes the dispatcher when capacity appears."""
+    """The workers connected to this instance; wakes the dispatcher when capacity appears.
 
-    def __init__(self) -> None:
+    Worker choice goes through :meth:`pick`, which asks the routing policy
+    (:mod:`auxot_common.routing`); the policy is told about dispatches, completions and workers
+    that reset or leave.
+    """
+
+    def __init__(self, routing: str = "cache", cache_max_wait: float = 3.0) -> None:
         self.workers: dict[str, WorkerConnection] = {}
         self.capacity_changed = asyncio.Event()
+        self.routing = make_policy(routing, RoutingConfig(max_hold_s=cache_max_wait))
+
+    def pick(self, job: proto.Job) -> Choice:
+        """A worker for ``job``, or a hold for its busy warm worker, or nothing free."""
+        open_workers = [w for w in self.workers.values() if not w.ws.closed]
+        return self.routing.pick(job, open_workers, time.monotonic())
 
     def add(self, worker: WorkerConnection) -> None:
         self.workers[worker.worker_id] = worker
@@ -235,6 +254,7 @@ class WorkerPool:
 
     def remove(self, worker: WorkerConnection) -> None:
         self.workers.pop(worker.worker_id, None)
+        self.routing.on_worker_gone(worker.worker_id)
 
     def total_free(self) -> int:
         return sum(max(w.free, 0) for w in self.workers.values())
@@ -433,7 +453,7 @@ class Router:
             redis, instance_id=self.instance_id, prefix=config.redis_prefix, server_blocking=server_blocking
         )
         self.relay = RelayPublisher(self.queue)
-        self.pool = WorkerPool()
+        self.pool = WorkerPool(config.routing, config.cache_max_wait)
         self.tracker = JobTracker(self)
         self.api_keys = KeyVerifier(config.api_key_hashes, cache_ttl=config.auth_cache_ttl)
         self.admin_keys = KeyVerifier(config.admin_key_hashes, cache_ttl=config.auth_cache_ttl)
@@ -450,7 +470,10 @@ class Router:
     # --- dispatch -------------------------------------------------------------------------------
 
     async def dispatch_forever(self) -> None:
-        """Read as many jobs as local workers have free slots and hand each to the least busy."""
+        """Read as many jobs as local workers have free slots and hand each to the worker the
+        routing policy picks. Jobs held for their busy warm worker stay in the backlog without
+        blocking the jobs behind them; new jobs are read meanwhile, with a short timeout so that
+        a held job is looked at again soon after a slot frees."""
         while True:
             free = self.pool.total_free()
             if (self.draining and self.queue.shared) or free <= 0:
@@ -458,11 +481,18 @@ class Router:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.pool.capacity_changed.wait(), 1.0)
                 continue
-            if self.backlog:
-                await self._dispatch_backlog()
+            held = await self._dispatch_backlog() if self.backlog else 0
+            free = self.pool.total_free()
+            if free <= 0:
                 continue
+            if self.backlog and not held:  # no open worker could take them (sockets closing)
+                self.pool.capacity_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.pool.capacity_changed.wait(), HELD_JOB_POLL_S)
+                continue
+            timeout = 1.0 if not held else min(max(held - time.monotonic(), 0.01), HELD_JOB_POLL_S)
             try:
-                entries = await self.queue.read_jobs(free, timeout=1.0)
+                entries = await self.queue.read_jobs(free, timeout=timeout)
             except RedisError as exc:
                 log.error("reading jobs failed", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
@@ -498,12 +528,22 @@ class Router:
             await self.ack(drop)
         await self._dispatch_backlog()
 
-    async def _dispatch_backlog(self) -> None:
+    async def _dispatch_backlog(self) -> float:
+        """Dispatch what can run now; returns the earliest hold deadline of the jobs left held
+        for their warm worker (``time.monotonic()`` clock), 0 if none is held."""
+        held: list[tuple[str, proto.Job]] = []
+        wake = 0.0
         while self.backlog:
-            worker = self.pool.least_busy()
-            if worker is None:
-                return
             entry_id, job = self.backlog.popleft()
+            choice = self.pool.pick(job)
+            worker = choice.worker
+            if worker is None:
+                if choice.hold_until:  # keep it for its warm worker; look at the next job
+                    held.append((entry_id, job))
+                    wake = min(wake, choice.hold_until) if wake else choice.hold_until
+                    continue
+                self.backlog.appendleft((entry_id, job))  # no free slot anywhere
+                break
             worker.running[job.job_id] = RunningJob(entry_id, job)
             try:
                 await worker.send(job)
@@ -514,8 +554,12 @@ class Router:
                 self.pool.remove(worker)
                 self.backlog.appendleft((entry_id, job))
                 continue
+            self.pool.routing.on_dispatch(worker, job, time.monotonic())
             log.debug("job dispatched", extra={"job_id": job.job_id, "worker_id": worker.worker_id})
             self.route(job.reply_to, proto.Dispatched(job.job_id, worker.worker_id, self.instance_id))
+        for item in reversed(held):  # back at the front, in their order
+            self.backlog.appendleft(item)
+        return wake
 
     # --- routing job events to their owner ------------------------------------------------------
 
@@ -539,6 +583,18 @@ class Router:
             running = worker.running.pop(message.job_id, None)
             if running is not None:
                 self.pool.capacity_changed.set()
+                if isinstance(message, proto.Complete):  # what llama-server really reused
+                    self.pool.routing.on_complete(
+                        worker.worker_id,
+                        message.job_id,
+                        input_tokens=message.input_tokens,
+                        cache_tokens=message.cache_tokens,
+                        prompt_ms=message.prompt_ms,
+                    )
+                else:
+                    self.pool.routing.on_complete(
+                        worker.worker_id, message.job_id, input_tokens=0, cache_tokens=0, ok=False
+                    )
                 if isinstance(message, proto.Error) and message.retryable:  # e.g. its llama-server died
                     self.route(running.job.reply_to, proto.WorkerLost(message.job_id, message.error))
                 else:
@@ -547,11 +603,13 @@ class Router:
         elif isinstance(message, proto.Heartbeat):
             await worker.send(proto.HeartbeatAck())
             try:  # a Redis outage must not drop a worker whose tokens need no Redis
-                info = worker.info(self.instance_id)
+                info = self.worker_info(worker)
                 await self.queue.beat_worker(worker.worker_id, info, self.config.dead_worker_timeout)
             except RedisError as exc:
                 log.warning("could not record a heartbeat", extra={"worker_id": worker.worker_id, "error": str(exc)})
         elif isinstance(message, proto.Config):
+            # the worker (re)started or stopped its llama-server: whatever it cached is gone
+            self.pool.routing.on_worker_reset(worker.worker_id)
             worker.capabilities = message.capabilities
             if message.capabilities.draining:
                 worker.slots = 0
@@ -695,8 +753,14 @@ class Router:
 
     # --- health ---------------------------------------------------------------------------------
 
+    def worker_info(self, worker: WorkerConnection) -> dict[str, Any]:
+        """What /health shows of a worker: its slots, and its prompt-cache hit ratio."""
+        info = worker.info(self.instance_id)
+        info["cache"] = self.pool.routing.worker_stats(worker.worker_id)
+        return info
+
     async def health(self) -> tuple[int, dict[str, Any]]:
-        local = [w.info(self.instance_id) for w in self.pool.workers.values()]
+        local = [self.worker_info(w) for w in self.pool.workers.values()]
         body: dict[str, Any] = {
             "status": "ok",
             "version": VERSION,
@@ -924,7 +988,9 @@ async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> 
     completion_id = new_id("chatcmpl-" if kind == "chat" else "cmpl-")
     model = chat.model or router.model_name
     created = int(time.time())
-    handle = await router.tracker.submit(job_from(chat, kind, completion_id))
+    job = job_from(chat, kind, completion_id)
+    job.session = session_hint(request.headers, chat.params)
+    handle = await router.tracker.submit(job)
     log.info("job accepted", extra={"job_id": completion_id, "kind": kind, "stream": chat.stream})
     try:
         if not chat.stream:
@@ -932,7 +998,8 @@ async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> 
             if isinstance(final, proto.Error):
                 return job_error_response(request, final)
             build = chat_completion_body if kind == "chat" else completion_body
-            return json_response(build(final, completion_id=completion_id, model=model, created=created))
+            body = build(final, completion_id=completion_id, model=model, created=created)
+            return json_response(body, headers=served_by_headers(handle, final))
         encoder_cls = OpenAIChatStream if kind == "chat" else OpenAICompletionStream
         encoder = encoder_cls(completion_id, model, created, chat.include_usage)
         return await stream_job(request, router, handle, encoder)
@@ -946,6 +1013,19 @@ async def wait_final(router: Router, handle: JobHandle) -> proto.Complete | prot
             if isinstance(message, proto.Complete | proto.Error):
                 return message
     return proto.Error(job_id=handle.job.job_id, error="the job ended without a result", status=502)
+
+
+def served_by_headers(handle: JobHandle, final: proto.Complete | None = None) -> dict[str, str]:
+    """``x-auxot-worker`` (known at dispatch) and, once the job is complete,
+    ``x-auxot-cached-tokens``. A stream's headers leave before the end: its cached tokens are in
+    the usage of its last event (OpenAI ``prompt_tokens_details.cached_tokens``, Anthropic
+    ``cache_read_input_tokens``)."""
+    headers: dict[str, str] = {}
+    if handle.dispatched_to is not None:
+        headers[WORKER_HEADER] = handle.dispatched_to[1]
+    if final is not None:
+        headers[CACHED_TOKENS_HEADER] = str(final.cache_tokens)
+    return headers
 
 
 def job_error_response(request: web.Request, error: proto.Error) -> web.Response:
@@ -983,7 +1063,7 @@ async def stream_job(
             first = batch[0] if batch else None
             if isinstance(first, proto.Error):
                 return job_error_response(request, first)
-            response = web.StreamResponse(headers=SSE_HEADERS)
+            response = web.StreamResponse(headers={**SSE_HEADERS, **served_by_headers(handle)})
             await response.prepare(request)
             await response.write(encoder.start())
         if not batch:
@@ -1059,7 +1139,9 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     message_id = new_id("msg_")
     model = chat.model or router.model_name
     stop_sequences = body.get("stop_sequences") if isinstance(body.get("stop_sequences"), list) else None
-    handle = await router.tracker.submit(job_from(chat, "chat", new_id("chatcmpl-")))
+    job = job_from(chat, "chat", new_id("chatcmpl-"))
+    job.session = session_hint(request.headers, chat.params)
+    handle = await router.tracker.submit(job)
     log.info("job accepted", extra={"job_id": handle.job.job_id, "kind": "messages", "stream": chat.stream})
     try:
         if not chat.stream:
@@ -1067,7 +1149,8 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
             if isinstance(final, proto.Error):
                 return job_error_response(request, final)
             return json_response(
-                anthropic.build_message(final, message_id=message_id, model=model, stop_sequences=stop_sequences)
+                anthropic.build_message(final, message_id=message_id, model=model, stop_sequences=stop_sequences),
+                headers=served_by_headers(handle, final),
             )
         encoder = anthropic.AnthropicStream(message_id, model, stop_sequences=stop_sequences)
         return await stream_job(request, router, handle, encoder, keepalive=anthropic.AnthropicStream.ping())

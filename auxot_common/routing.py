@@ -35,6 +35,7 @@ Choosing
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -148,6 +149,39 @@ def job_prefix_key(job: Any, block_bytes: int = BLOCK_BYTES) -> PrefixKey:
     if job.kind == "completion" and not isinstance(prompt, str):
         prompt = orjson.dumps(prompt).decode() if prompt is not None else ""
     return prefix_key(prompt_segments(job.messages, job.tools, prompt), block_bytes)
+
+
+# --- llama-server's own prompt caching (inside a worker) -------------------------------------
+
+# --slot-prompt-similarity: b11434's default, pinned. A request takes the idle slot whose prompt
+# shares the largest fraction (> 0.1) of its own; otherwise the least recently used slot. With
+# the router sending a conversation back to its worker, the slot holding it shares ~all of it.
+SLOT_PROMPT_SIMILARITY = "0.1"
+CACHE_RAM_SHARE = 0.25  # of the host's physical RAM, for llama-server's host-RAM prompt cache
+
+
+def llama_cache_args(cache_ram_mib: int | None, host_ram_bytes: int) -> list[str]:
+    """llama-server flags for prompt caching.
+
+    ``--cache-ram``: evicted slot prompts are kept in host RAM and restored when a request
+    continues one (llama.cpp PR 16391; b11434's default is 8192 MiB). KV for a 30B-class model
+    is ~100 KB per token, so 8 GiB hold less than two 60k-token agent sessions; a GPU host has far
+    more RAM than that, so by default a quarter of its physical RAM is used. ``cache_ram_mib``
+    (``AUXOT_CACHE_RAM_MIB``) overrides it: -1 no limit, 0 off. ``--cache-reuse`` (KV shifting
+    of chunks after a change) is left off: the router keeps prompts byte-stable, it is not
+    available for every model, and it was not measured to help.
+    """
+    if cache_ram_mib is None:
+        cache_ram_mib = max(int(host_ram_bytes * CACHE_RAM_SHARE) // (1 << 20), 1024) if host_ram_bytes > 0 else 8192
+    return ["--cache-ram", str(cache_ram_mib), "--slot-prompt-similarity", SLOT_PROMPT_SIMILARITY]
+
+
+def host_ram_bytes() -> int:
+    """Physical RAM of this host, 0 if unknown."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 # --- client session hints ---------------------------------------------------------------------
