@@ -8,7 +8,7 @@ Where a prompt lives
     The prompt of a job is turned into the byte stream the worker's chat template will render,
     in its order: the system message(s), then the tools, then the other messages one by one
     (each serialised on its own, so turn *n+1*'s stream starts with turn *n*'s). The stream is
-    cut into fixed blocks of ``block_bytes`` (2 KiB, about 500 tokens) and each block gets a
+    cut into fixed blocks of ``block_bytes`` (512 bytes, ~150 tokens) and each block gets a
     chained hash (BLAKE2b-64 of the previous hash and the block), so block *i*'s hash names the
     whole prefix up to it. There is no length cap: two Claude Code sessions share ~60 KiB of
     system prompt and tools, and differ only after that.
@@ -44,11 +44,12 @@ from typing import Any, Protocol
 
 import orjson
 
-BLOCK_BYTES = 2048
+BLOCK_BYTES = 512
 HASH_BYTES = 8
 # Memory per index entry: an OrderedDict node (~56 B) + the 8-byte key as ``bytes`` (41 B) + a
 # float stamp (24 B) + the dict slot: about 150 B. A worker with 4 slots x 64k tokens and the
-# default RAM factor holds ~1M tokens = ~1,900 blocks of 2 KiB (~540 tokens) = ~300 KB.
+# default RAM factor holds ~1M tokens = ~6,800 blocks of 512 B (~150 tokens) = ~1 MB.
+# Small blocks so that short prompts (a 1 KB chat) still have a key; hashing stays ~1 ms/MiB.
 INDEX_ENTRY_BYTES = 150
 
 
@@ -61,10 +62,10 @@ class RoutingConfig:
     # one GPU: 0.1-0.3 ms/token).
     default_ms_per_token: float = 0.2
     # What a fully busy worker costs a new job relative to an idle one (decode steps shared with
-    # the slots already running). Chosen so that a few hundred uncached tokens (~0.1 s) are
-    # never worth stacking jobs on one worker while others idle, and a warm prefix of a few
-    # thousand tokens (> 0.5 s) is.
-    load_cost_s: float = 0.25
+    # the slots already running). Chosen so that a shared system prompt of a few hundred tokens
+    # (~0.1 s) is not worth stacking jobs on one worker while others idle, and the warm prefix of
+    # a conversation (thousands of tokens, seconds) always is.
+    load_cost_s: float = 0.5
     # Longest a job waits for its busy warm worker while another is free.
     max_hold_s: float = 3.0
     # Smallest prefill saving worth holding a job for.
