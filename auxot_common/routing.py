@@ -284,6 +284,7 @@ class WorkerCacheStats:
 
     index: PrefixIndex
     ms_per_token: float = 0.0  # measured prefill time per uncached token; 0 = not yet
+    prefill_until: float = 0.0  # when the prompt processing sent there should be done
     jobs: int = 0
     hits: int = 0  # jobs that reused at least half of their prompt
     prompt_tokens: int = 0
@@ -400,19 +401,19 @@ class CacheAwarePolicy:
         best: tuple[float, int, int, float, str] | None = None
         best_worker: WorkerView | None = None
         best_cached = 0
-        warm_busy_saving = 0.0
+        warm_busy_cost = 0.0
         warm_busy: WorkerView | None = None
         for worker in workers:
             stats = self.stats_for(worker)
             blocks, _ = stats.index.match(key.hashes, now)
             cached = min(int(blocks * block_tokens), total_tokens)
             rate_s = self._ms_per_token(stats) / 1000.0
-            prefill_s = (total_tokens - cached) * rate_s
+            # its queue: prompt processing already sent there and not yet done (one GPU)
+            queue_s = max(stats.prefill_until - now, 0.0)
+            prefill_s = queue_s + (total_tokens - cached) * rate_s
             if worker.free <= 0:
-                if blocks:
-                    saving = cached * rate_s
-                    if saving > warm_busy_saving:
-                        warm_busy_saving, warm_busy = saving, worker
+                if blocks and (warm_busy is None or prefill_s < warm_busy_cost):
+                    warm_busy_cost, warm_busy = prefill_s, worker
                 continue
             busy = len(worker.running) / max(worker.slots, 1)
             cost = prefill_s + config.load_cost_s * busy
@@ -422,12 +423,11 @@ class CacheAwarePolicy:
             rank = (cost, 0 if worker.worker_id == hinted else 1, -worker.free, fill, worker.worker_id)
             if best is None or rank < best:
                 best, best_worker, best_cached = rank, worker, cached
-        if best_worker is None:
+        if best is None or best_worker is None:
             self._holding.pop(job.job_id, None)
             return Choice()
         if warm_busy is not None:
-            rate_s = self._ms_per_token(self.stats_for(warm_busy)) / 1000.0
-            saving = warm_busy_saving - best_cached * rate_s
+            saving = best[0] - warm_busy_cost  # were a slot free there now
             if saving >= config.min_hold_saving_s:
                 holding = self._holding.get(job.job_id)
                 if holding is None:
@@ -452,6 +452,8 @@ class CacheAwarePolicy:
         stats = self.stats_for(worker)
         blocks, stamp = stats.index.match(key.hashes, now)
         self._placed[job.job_id] = _Placement(worker.worker_id, blocks, stamp, key, key.total_bytes)
+        uncached = self.tokens(key.total_bytes) - self.tokens(blocks * self.config.block_bytes)
+        stats.prefill_until = max(stats.prefill_until, now) + max(uncached, 0) * self._ms_per_token(stats) / 1000
         stats.index.insert(key.hashes, now)
         session = getattr(job, "session", "")
         if session:

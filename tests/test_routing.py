@@ -215,18 +215,18 @@ def test_a_job_waits_a_bounded_time_for_its_busy_warm_worker() -> None:
     warm, idle = FakeWorker("A", slots=1), FakeWorker("B", slots=1)
     turn1 = conversation("long", 12, turn_bytes=10_000)  # ~35k tokens: ~7 s of prefill at 0.2 ms
     j1 = job(turn1)
-    policy.on_dispatch(warm, j1, now=0.0)
+    policy.on_dispatch(warm, j1, now=0.0)  # its prompt processing is long done by t=10
     warm.running["other"] = object()  # full
     j2 = job([*turn1, {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}])
-    held = policy.pick(j2, [warm, idle], now=1.0)
-    assert held.worker is None and held.hold_until == pytest.approx(3.0)
-    assert policy.pick(j2, [warm, idle], now=2.5).worker is None
-    assert policy.pick(j2, [warm, idle], now=3.0).worker is idle  # waited long enough
+    held = policy.pick(j2, [warm, idle], now=11.0)
+    assert held.worker is None and held.hold_until == pytest.approx(13.0)
+    assert policy.pick(j2, [warm, idle], now=12.5).worker is None
+    assert policy.pick(j2, [warm, idle], now=13.0).worker is idle  # waited long enough
     # had the warm worker freed up meanwhile, it would have had the job
     j3 = job([*j2.messages, {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}])
-    assert policy.pick(j3, [warm, idle], now=4.0).worker is None
+    assert policy.pick(j3, [warm, idle], now=14.0).worker is None
     warm.running.clear()
-    assert policy.pick(j3, [warm, idle], now=4.5).worker is warm
+    assert policy.pick(j3, [warm, idle], now=14.5).worker is warm
 
 
 def test_no_hold_when_the_saving_is_small() -> None:
