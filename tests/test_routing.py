@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
+from auxot_common import anthropic_api as anthropic
 from auxot_common import protocol as proto
 from auxot_common.routing import (
     BLOCK_BYTES,
@@ -20,6 +23,8 @@ from auxot_common.routing import (
     prompt_segments,
     session_hint,
 )
+
+CAPTURES = Path(__file__).parent / "data" / "client-captures"
 
 
 @dataclass
@@ -320,3 +325,22 @@ def test_baselines_and_modes() -> None:
     assert isinstance(make_policy("cache"), CacheAwarePolicy)
     with pytest.raises(ValueError, match="unknown routing mode"):
         make_policy("random")
+
+
+# --- volatile prefixes: real client captures --------------------------------------------------
+
+
+def test_claude_codes_next_turn_extends_its_previous_prompt_byte_for_byte() -> None:
+    """Claude Code moves ``cache_control`` to the newest message every turn and sends a billing
+    header block: neither reaches the worker, so turn 2's prompt starts with all of turn 1's."""
+    capture = orjson.loads((CAPTURES / "claude-code-2.1.330-tool-result-turn.json").read_bytes())
+    first, second = (r["body"] for r in capture["requests"][:2])
+    assert first["messages"] != second["messages"][: len(first["messages"])]  # the raw bodies differ
+    streams = []
+    for body in (first, second):
+        chat = anthropic.translate_request(body, max_output_tokens=32000)
+        streams.append(b"".join(prompt_segments(chat.messages, chat.tools)))
+    assert len(streams[0]) > 40_000 and streams[1].startswith(streams[0])
+    assert b"x-anthropic-billing-header" not in streams[0]
+    k1, k2 = prefix_key([streams[0]]), prefix_key([streams[1]])
+    assert k2.hashes[: len(k1.hashes)] == k1.hashes
