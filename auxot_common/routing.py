@@ -39,7 +39,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
@@ -284,12 +284,20 @@ class WorkerCacheStats:
 
     index: PrefixIndex
     ms_per_token: float = 0.0  # measured prefill time per uncached token; 0 = not yet
-    prefill_until: float = 0.0  # when the prompt processing sent there should be done
+    # jobs running there: (dispatched at, expected prompt processing seconds), until complete
+    inflight: dict[str, tuple[float, float]] = field(default_factory=dict)
     jobs: int = 0
     hits: int = 0  # jobs that reused at least half of their prompt
     prompt_tokens: int = 0
     cached_tokens: int = 0
     misses_corrected: int = 0
+
+    def queue_s(self, now: float) -> float:
+        """Prompt processing sent there and, by estimate, not done yet (one GPU: in order)."""
+        end = 0.0
+        for dispatched, prefill_s in sorted(self.inflight.values()):
+            end = max(end, dispatched) + prefill_s
+        return max(end - now, 0.0)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -409,7 +417,7 @@ class CacheAwarePolicy:
             cached = min(int(blocks * block_tokens), total_tokens)
             rate_s = self._ms_per_token(stats) / 1000.0
             # its queue: prompt processing already sent there and not yet done (one GPU)
-            queue_s = max(stats.prefill_until - now, 0.0)
+            queue_s = stats.queue_s(now)
             prefill_s = queue_s + (total_tokens - cached) * rate_s
             if worker.free <= 0:
                 if blocks and (warm_busy is None or prefill_s < warm_busy_cost):
@@ -452,8 +460,8 @@ class CacheAwarePolicy:
         stats = self.stats_for(worker)
         blocks, stamp = stats.index.match(key.hashes, now)
         self._placed[job.job_id] = _Placement(worker.worker_id, blocks, stamp, key, key.total_bytes)
-        uncached = self.tokens(key.total_bytes) - self.tokens(blocks * self.config.block_bytes)
-        stats.prefill_until = max(stats.prefill_until, now) + max(uncached, 0) * self._ms_per_token(stats) / 1000
+        uncached = max(self.tokens(key.total_bytes) - self.tokens(blocks * self.config.block_bytes), 0)
+        stats.inflight[job.job_id] = (now, uncached * self._ms_per_token(stats) / 1000)
         stats.index.insert(key.hashes, now)
         session = getattr(job, "session", "")
         if session:
@@ -463,7 +471,10 @@ class CacheAwarePolicy:
                 self.sessions.popitem(last=False)
 
     def on_dispatch_failed(self, job_id: str) -> None:
-        self._placed.pop(job_id, None)
+        placed = self._placed.pop(job_id, None)
+        stats = self.workers.get(placed.worker_id) if placed is not None else None
+        if stats is not None:
+            stats.inflight.pop(job_id, None)
 
     def forget_job(self, job_id: str) -> None:
         """A job left the backlog without being dispatched (cancelled, expired)."""
@@ -483,6 +494,8 @@ class CacheAwarePolicy:
         """What the worker really reused. A miss drops the index entries it proves stale."""
         placed = self._placed.pop(job_id, None)
         stats = self.workers.get(worker_id)
+        if stats is not None:
+            stats.inflight.pop(job_id, None)
         if placed is None or stats is None or placed.worker_id != worker_id or not ok:
             return
         stats.jobs += 1
@@ -509,6 +522,7 @@ class CacheAwarePolicy:
         stats = self.workers.get(worker_id)
         if stats is not None:
             stats.index.clear()
+            stats.inflight.clear()
         for job_id in [j for j, p in self._placed.items() if p.worker_id == worker_id]:
             del self._placed[job_id]
 
