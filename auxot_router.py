@@ -78,10 +78,14 @@ from auxot_common.openai_api import (
 )
 from auxot_common.queue import RelayPublisher, StreamQueue
 from auxot_common.registry import ModelResolution, Registry, RegistryError, load_registry, resolve_model
+from auxot_common.routing import ROUTING_MODES, Choice, RoutingConfig, RoutingPolicy, make_policy, session_hint
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 
 VERSION = "0.1.0"
 DEFAULT_MODEL = "Qwen3-Coder-30B-A3B"
+HELD_JOB_POLL_S = 0.05  # how soon a job held for its busy warm worker is looked at again
+WORKER_HEADER = "x-auxot-worker"
+CACHED_TOKENS_HEADER = "x-auxot-cached-tokens"
 log = logging.getLogger("auxot.router")
 
 
@@ -123,6 +127,8 @@ class RouterConfig:
     health_refresh: float = 1.0
     auth_failure_burst: int = 20
     auth_failures_per_minute: int = 30
+    routing: str = "cache"  # AUXOT_ROUTING: cache | least-busy | round-robin
+    cache_max_wait: float = 3.0  # AUXOT_CACHE_MAX_WAIT: longest hold for a busy warm worker
     models: str = ""  # AUXOT_MODELS: comma-separated, the first is the default
     models_file: str = ""  # AUXOT_MODELS_FILE: TOML, wins over AUXOT_MODELS and AUXOT_MODEL
     move_cooldown: float = 600.0  # a worker is not moved again within this long
@@ -183,6 +189,8 @@ class RouterConfig:
             health_refresh=read.duration("AUXOT_HEALTH_REFRESH", 1.0, minimum=0.05),
             auth_failure_burst=read.integer("AUXOT_AUTH_FAILURE_BURST", 20, minimum=1),
             auth_failures_per_minute=read.integer("AUXOT_AUTH_FAILURES_PER_MINUTE", 30, minimum=1),
+            routing=read.choice("AUXOT_ROUTING", "cache", ROUTING_MODES),
+            cache_max_wait=read.duration("AUXOT_CACHE_MAX_WAIT", 3.0),
             models=read.text("AUXOT_MODELS", ""),
             models_file=read.text("AUXOT_MODELS_FILE", ""),
             move_cooldown=read.duration("AUXOT_MOVE_COOLDOWN", 600.0),
@@ -314,14 +322,16 @@ class PoolStats:
 class ModelPool:
     """The workers serving one model on this instance, its backlog, its dispatcher and stats.
 
-    Worker choice goes through :meth:`pick` alone (least busy today; cache-aware routing replaces
-    its body and gets told about dispatches, completions and departures by the ``on_*`` hooks).
+    Worker choice goes through :meth:`pick` alone, which asks the pool's routing policy
+    (:mod:`auxot_common.routing`: cache-aware by default); the policy is told about dispatches,
+    completions, workers that reset and departures by the ``on_*`` hooks.
     The backlog holds jobs read from the model's stream that no worker took yet: an object with
     ``append``, ``appendleft``, ``popleft`` and ``len`` (a deque today).
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, routing: RoutingPolicy | None = None) -> None:
         self.spec = spec
+        self.routing: RoutingPolicy = routing or make_policy("least-busy", RoutingConfig())
         self.workers: dict[str, WorkerConnection] = {}
         self.backlog: Backlog = deque()
         self.capacity_changed = asyncio.Event()
@@ -336,26 +346,39 @@ class ModelPool:
     def total_free(self) -> int:
         return sum(max(w.free, 0) for w in self.workers.values())
 
-    def pick(self, job: proto.Job) -> WorkerConnection | None:
-        """The worker to run ``job``, or None when none has a free slot (least busy)."""
-        open_workers = (w for w in self.workers.values() if not w.ws.closed)
-        best = max(open_workers, key=lambda w: (w.free, -len(w.running)), default=None)
-        return best if best is not None and best.free > 0 else None
+    def pick(self, job: proto.Job) -> Choice:
+        """A worker for ``job``, or a hold for its busy warm worker, or nothing free."""
+        open_workers = [w for w in self.workers.values() if not w.ws.closed]
+        return self.routing.pick(job, open_workers, time.monotonic())
 
     def on_dispatch(self, worker: WorkerConnection, job: proto.Job) -> None:
-        """``job`` went to ``worker`` (a hook for the choice policy)."""
+        """``job`` went to ``worker``: the worker will hold its prompt."""
+        self.routing.on_dispatch(worker, job, time.monotonic())
 
     def on_complete(self, worker: WorkerConnection, job: proto.Job, message: proto.Complete | proto.Error) -> None:
-        """``job`` finished on ``worker``."""
+        """``job`` finished on ``worker``: what llama-server really reused corrects the index."""
         if isinstance(message, proto.Complete):
             self.stats.jobs_completed += 1
             self.stats.input_tokens += message.input_tokens
             self.stats.output_tokens += message.output_tokens
+            self.routing.on_complete(
+                worker.worker_id,
+                job.job_id,
+                input_tokens=message.input_tokens,
+                cache_tokens=message.cache_tokens,
+                prompt_ms=message.prompt_ms,
+            )
         else:
             self.stats.jobs_failed += 1
+            self.routing.on_complete(worker.worker_id, job.job_id, input_tokens=0, cache_tokens=0, ok=False)
+
+    def on_worker_reset(self, worker: WorkerConnection) -> None:
+        """``worker`` (re)started or stopped its llama-server: whatever it cached is gone."""
+        self.routing.on_worker_reset(worker.worker_id)
 
     def on_worker_gone(self, worker: WorkerConnection) -> None:
         """``worker`` left this pool (disconnected or moved to another model)."""
+        self.routing.on_worker_gone(worker.worker_id)
 
 
 class WorkerPool:
@@ -620,7 +643,7 @@ class Router:
         self.queue.single_stream = self.single_model
         self._set_default()
         for spec in self.catalog.specs:
-            self.pool.pools[spec.name] = ModelPool(spec)
+            self.pool.pools[spec.name] = self.new_pool(spec)
         self.draining = False
         self.running = False  # dispatchers are started (background_tasks) and new pools get one
         self.unacked: list[tuple[str, str]] = []  # (model, entry) finished, but XACK failed (Redis away)
@@ -632,6 +655,11 @@ class Router:
         self.redis_error = ""
         self.models_file_mtime = self._models_file_mtime()
         self.depths: dict[str, int] = {}  # queue depth per model, refreshed by the balancer
+
+    def new_pool(self, spec: ModelSpec) -> ModelPool:
+        """A pool for ``spec`` with its own routing policy (its own prefix index and stats)."""
+        routing = make_policy(self.config.routing, RoutingConfig(max_hold_s=self.config.cache_max_wait))
+        return ModelPool(spec, routing)
 
     def _set_default(self) -> None:
         """``resolution``, ``policy`` and ``model_name`` describe the default model (or the first),
@@ -680,16 +708,20 @@ class Router:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(pool.capacity_changed.wait(), 1.0)
                 continue
-            if pool.backlog:
-                if await self._dispatch_backlog(pool):
-                    continue
-                # jobs wait that no worker takes now (a choice policy may hold one back)
+            held = await self._dispatch_backlog(pool) if pool.backlog else 0.0
+            free = pool.total_free()
+            if free <= 0:
+                continue
+            if pool.backlog and not held:  # no open worker could take them (sockets closing)
                 pool.capacity_changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(pool.capacity_changed.wait(), 0.05)
+                    await asyncio.wait_for(pool.capacity_changed.wait(), HELD_JOB_POLL_S)
                 continue
+            # jobs held for their busy warm worker stay in the backlog without blocking new ones;
+            # the read's short timeout looks at them again soon after a slot frees
+            timeout = 1.0 if not held else min(max(held - time.monotonic(), 0.01), HELD_JOB_POLL_S)
             try:
-                entries = await self.queue.read_jobs(free, timeout=1.0, model=model)
+                entries = await self.queue.read_jobs(free, timeout=timeout, model=model)
             except RedisError as exc:
                 log.error("reading jobs failed", extra={"error": str(exc), "model": model})
                 await asyncio.sleep(1.0)
@@ -726,15 +758,22 @@ class Router:
             await self.ack(drop, pool.name)
         await self._dispatch_backlog(pool)
 
-    async def _dispatch_backlog(self, pool: ModelPool) -> bool:
-        """Hand backlog jobs to workers while some can take one; True if any was dispatched."""
-        dispatched = False
+    async def _dispatch_backlog(self, pool: ModelPool) -> float:
+        """Dispatch what can run now; returns the earliest hold deadline (``time.monotonic()``)
+        of the jobs left held for their warm worker, 0 if none is held."""
+        held: list[tuple[str, proto.Job]] = []
+        wake = 0.0
         while pool.backlog:
             entry_id, job = pool.backlog.popleft()
-            worker = pool.pick(job)
+            choice = pool.pick(job)
+            worker = choice.worker
             if worker is None:
-                pool.backlog.appendleft((entry_id, job))
-                return dispatched
+                if choice.hold_until:  # keep it for its warm worker; look at the next job
+                    held.append((entry_id, job))
+                    wake = min(wake, choice.hold_until) if wake else choice.hold_until
+                    continue
+                pool.backlog.appendleft((entry_id, job))  # no free slot anywhere
+                break
             worker.running[job.job_id] = RunningJob(entry_id, job)
             if job.deadline:  # the worker gets the time left: its clock is not ours
                 job.timeout_s = max(round(job.deadline - time.time(), 3), 0.001)
@@ -747,11 +786,12 @@ class Router:
                 self.pool.remove(worker)
                 pool.backlog.appendleft((entry_id, job))
                 continue
-            dispatched = True
             pool.on_dispatch(worker, job)
             log.debug("job dispatched", extra={"job_id": job.job_id, "worker_id": worker.worker_id, "model": pool.name})
             self.route(job.reply_to, proto.Dispatched(job.job_id, worker.worker_id, self.instance_id))
-        return dispatched
+        for item in reversed(held):  # back at the front, in their order
+            pool.backlog.appendleft(item)
+        return wake
 
     # --- routing job events to their owner ------------------------------------------------------
 
@@ -788,11 +828,15 @@ class Router:
                 await self._check_reported_jobs(worker, set(message.jobs))
             await worker.send(proto.HeartbeatAck())
             try:  # a Redis outage must not drop a worker whose tokens need no Redis
-                info = worker.info(self.instance_id)
+                info = self.worker_info(worker)
                 await self.queue.beat_worker(worker.worker_id, info, self.config.dead_worker_timeout)
             except RedisError as exc:
                 log.warning("could not record a heartbeat", extra={"worker_id": worker.worker_id, "error": str(exc)})
         elif isinstance(message, proto.Config):
+            # the worker (re)started or stopped its llama-server: whatever it cached is gone
+            reset_pool = self.pool.pool(worker.model)
+            if reset_pool is not None:
+                reset_pool.on_worker_reset(worker)
             worker.capabilities = message.capabilities
             serving = message.capabilities.policy_model
             if serving and serving != worker.model and self.pool.pool(serving) is not None:
@@ -943,7 +987,7 @@ class Router:
         for spec in catalog.specs:
             pool = self.pool.pools.get(spec.name)
             if pool is None:
-                pool = self.pool.pools[spec.name] = ModelPool(spec)
+                pool = self.pool.pools[spec.name] = self.new_pool(spec)
                 if self.running:
                     pool.dispatcher = asyncio.create_task(self.dispatch_forever(pool), name=f"dispatch-{spec.name}")
             pool.spec = spec
@@ -1116,6 +1160,14 @@ class Router:
 
     # --- health ---------------------------------------------------------------------------------
 
+    def worker_info(self, worker: WorkerConnection) -> dict[str, Any]:
+        """What /health shows of a worker: its slots, and its prompt-cache hit ratio."""
+        info = worker.info(self.instance_id)
+        pool = self.pool.pool(worker.model)
+        if pool is not None:
+            info["cache"] = pool.routing.worker_stats(worker.worker_id)
+        return info
+
     async def refresh_cluster_view(self) -> None:
         """What /health reports beyond this instance: read in the background, so that a health
         probe never scans Redis and answers at once even while Redis is slow or away."""
@@ -1128,7 +1180,7 @@ class Router:
         self.model_depths, self.cluster_view, self.redis_error = depths, cluster, ""
 
     async def health(self) -> tuple[int, dict[str, Any]]:
-        local = [w.info(self.instance_id) for w in self.pool.workers.values()]
+        local = [self.worker_info(w) for w in self.pool.workers.values()]
         body: dict[str, Any] = {
             "status": "ok",
             "version": VERSION,
@@ -1421,7 +1473,9 @@ async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> 
     completion_id = new_id("chatcmpl-" if kind == "chat" else "cmpl-")
     model = served_name(router, chat.model, spec)
     created = int(time.time())
-    handle = await router.tracker.submit(job_from(chat, kind, completion_id, spec.name))
+    job = job_from(chat, kind, completion_id, spec.name)
+    job.session = session_hint(request.headers, chat.params)
+    handle = await router.tracker.submit(job)
     log.info("job accepted", extra={"job_id": completion_id, "kind": kind, "stream": chat.stream})
     try:
         if not chat.stream:
@@ -1429,7 +1483,8 @@ async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> 
             if isinstance(final, proto.Error):
                 return job_error_response(request, final)
             build = chat_completion_body if kind == "chat" else completion_body
-            return json_response(build(final, completion_id=completion_id, model=model, created=created))
+            body = build(final, completion_id=completion_id, model=model, created=created)
+            return json_response(body, headers=served_by_headers(handle, final))
         encoder_cls = OpenAIChatStream if kind == "chat" else OpenAICompletionStream
         encoder = encoder_cls(completion_id, model, created, chat.include_usage)
         return await stream_job(request, router, handle, encoder)
@@ -1443,6 +1498,19 @@ async def wait_final(router: Router, handle: JobHandle) -> proto.Complete | prot
             if isinstance(message, proto.Complete | proto.Error):
                 return message
     return proto.Error(job_id=handle.job.job_id, error="the job ended without a result", status=502)
+
+
+def served_by_headers(handle: JobHandle, final: proto.Complete | None = None) -> dict[str, str]:
+    """``x-auxot-worker`` (known at dispatch) and, once the job is complete,
+    ``x-auxot-cached-tokens``. A stream's headers leave before the end: its cached tokens are in
+    the usage of its last event (OpenAI ``prompt_tokens_details.cached_tokens``, Anthropic
+    ``cache_read_input_tokens``)."""
+    headers: dict[str, str] = {}
+    if handle.dispatched_to is not None:
+        headers[WORKER_HEADER] = handle.dispatched_to[1]
+    if final is not None:
+        headers[CACHED_TOKENS_HEADER] = str(final.cache_tokens)
+    return headers
 
 
 def job_error_response(request: web.Request, error: proto.Error) -> web.Response:
@@ -1484,7 +1552,7 @@ async def stream_job(
             progress = next((m for m in batch if isinstance(m, proto.PromptProgress)), None)
             if progress is not None and hasattr(encoder, "on_prompt_size"):
                 encoder.on_prompt_size(progress.total, progress.cached)  # message_start's input_tokens
-            response = web.StreamResponse(headers=SSE_HEADERS)
+            response = web.StreamResponse(headers={**SSE_HEADERS, **served_by_headers(handle)})
             await response.prepare(request)
             await write_within(request, response, encoder.start(), write_timeout)
         if not batch:
@@ -1634,7 +1702,9 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     message_id = new_id("msg_")
     model = served_name(router, chat.model, spec)
     stop_sequences = body.get("stop_sequences") if isinstance(body.get("stop_sequences"), list) else None
-    handle = await router.tracker.submit(job_from(chat, "chat", new_id("chatcmpl-"), spec.name))
+    job = job_from(chat, "chat", new_id("chatcmpl-"), spec.name)
+    job.session = session_hint(request.headers, chat.params)
+    handle = await router.tracker.submit(job)
     log.info("job accepted", extra={"job_id": handle.job.job_id, "kind": "messages", "stream": chat.stream})
     try:
         if not chat.stream:
@@ -1642,7 +1712,8 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
             if isinstance(final, proto.Error):
                 return job_error_response(request, final)
             return json_response(
-                anthropic.build_message(final, message_id=message_id, model=model, stop_sequences=stop_sequences)
+                anthropic.build_message(final, message_id=message_id, model=model, stop_sequences=stop_sequences),
+                headers=served_by_headers(handle, final),
             )
         encoder = anthropic.AnthropicStream(message_id, model, stop_sequences=stop_sequences)
         return await stream_job(request, router, handle, encoder, keepalive=anthropic.AnthropicStream.ping())

@@ -59,6 +59,7 @@ from auxot_common.provision import (
     provide_model,
     vram_report_gb,
 )
+from auxot_common.routing import host_ram_bytes, llama_cache_args
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 from auxot_common.textparse import REASONING, TextParser
 
@@ -99,6 +100,7 @@ class WorkerConfig:
     shutdown_grace: float = 30.0
     log_level: str = "info"
     extra_llama_args: list[str] = field(default_factory=list)
+    cache_ram_mib: int | None = None  # llama-server --cache-ram; None: a quarter of the host's RAM
     environ: dict[str, str] = field(default_factory=dict)  # HF_ENDPOINT, HF_TOKEN (.env included)
 
     @classmethod
@@ -131,6 +133,9 @@ class WorkerConfig:
             shutdown_grace=read.duration("AUXOT_SHUTDOWN_GRACE", 30.0),
             log_level=read.choice("AUXOT_LOG_LEVEL", "info", ("debug", "info", "warn", "warning", "error")),
             extra_llama_args=read.text("AUXOT_LLAMA_ARGS", "").split(),
+            cache_ram_mib=None
+            if read.raw("AUXOT_CACHE_RAM_MIB") is None
+            else read.integer("AUXOT_CACHE_RAM_MIB", 0, minimum=-1),
             environ=merged,
         )
 
@@ -850,6 +855,7 @@ class JobResult:
             input_tokens=prompt,
             output_tokens=output,
             cache_tokens=cached,
+            prompt_ms=float(timings.get("prompt_ms") or 0.0),
             tool_calls=calls,
             reasoning_content=self.parser.reasoning,
             logprobs={"content": self.logprobs} if self.logprobs else None,
@@ -1544,7 +1550,8 @@ class Worker:
             ctx_per_slot=policy.context_size,
             gpu_layers=gpu_layers,
             threads=config.threads,
-            extra_args=config.extra_llama_args,
+            # prompt caching flags first: AUXOT_LLAMA_ARGS comes later and wins
+            extra_args=llama_cache_args(config.cache_ram_mib, host_ram_bytes()) + config.extra_llama_args,
             pooling=pooling_of(policy),
         )
         supervisor = LlamaSupervisor(server, self.llama_session, config)

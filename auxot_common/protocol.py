@@ -13,6 +13,8 @@ additions:
 - ``tool_call_delta`` streams tool-call fragments as llama-server produces them.
 - ``error.status`` carries the HTTP status llama-server answered with, so that a prompt that
   does not fit becomes a 400 for the caller instead of a 500.
+- ``complete.prompt_ms`` (llama-server's ``timings.prompt_ms``) lets the router learn each
+  worker's prefill speed; ``job.session`` is a hash of the client's session id (a routing hint).
 - ``job.stream`` tells the worker whether the caller streams; tokens of a non-streaming job are
   not sent one by one, only the ``complete`` with the full text.
 - ``job.timeout_s``: the seconds the job has left when it is sent (an absolute deadline would
@@ -168,6 +170,7 @@ class Complete:
     input_tokens: int = 0
     output_tokens: int = 0
     cache_tokens: int = 0
+    prompt_ms: float = 0.0  # llama-server's timings.prompt_ms: the router learns prefill speed
     tool_calls: list[JSONObject] = field(default_factory=list)
     reasoning_content: str = ""
     reasoning_tokens: int = 0
@@ -256,6 +259,7 @@ class Job:
     deadline: float = 0.0  # the owner router's wall clock; routers only
     timeout_s: float = 0.0  # seconds left when sent to a worker; 0: none
     model: str = ""  # the canonical name of the model (its pool and queue stream); "" for none
+    session: str = ""  # hash of the client's session id: a routing hint (auxot_common.routing)
     type: ClassVar[str] = "job"
     _always: ClassVar[frozenset[str]] = frozenset({"job_id", "messages"})
 

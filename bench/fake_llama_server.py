@@ -35,6 +35,10 @@ Environment:
   FAKE_LLAMA_FLAT_BATCH             chunks per write when flat out (default 16); each chunk is
                                     still its own ``data:`` event
   FAKE_LLAMA_PROMPT_TOKENS_PER_SEC  simulated prefill speed for uncached tokens; 0 = instant
+  FAKE_LLAMA_PREFILL_MS_PER_TOKEN   the same as a time per token (0.2: a ~30B model on one GPU);
+                                    prompt processing of concurrent requests queues (one GPU)
+  FAKE_LLAMA_CACHE_RAM_TOKENS       host-RAM prompt cache size in tokens (``--cache-ram``); 0 = off
+  FAKE_LLAMA_RESTORE_MS_PER_TOKEN   cost of restoring a cached prompt from RAM (default 0.005)
   FAKE_LLAMA_LOAD_SECONDS           answer 503 "Loading model" this long after start (default 0)
   FAKE_LLAMA_N_PARAMS               meta.n_params in /v1/models (default 494032768)
 
@@ -124,6 +128,8 @@ class Config:
     default_tokens: int = 64
     flat_batch: int = 16
     prompt_tokens_per_sec: float = 0.0
+    cache_ram_tokens: int = 0
+    restore_ms_per_token: float = 0.005
     load_seconds: float = 0.0
     n_params: int = 494_032_768
 
@@ -186,6 +192,13 @@ def _env_float(name: str, default: float) -> float:
     return float(raw) if raw.strip() else default
 
 
+def _prompt_rate() -> float:
+    """Uncached prompt tokens per second: FAKE_LLAMA_PREFILL_MS_PER_TOKEN (0.2 is a ~30B model on
+    one GPU) or FAKE_LLAMA_PROMPT_TOKENS_PER_SEC; 0 = instant."""
+    ms = _env_float("FAKE_LLAMA_PREFILL_MS_PER_TOKEN", 0.0)
+    return 1000.0 / ms if ms > 0 else _env_float("FAKE_LLAMA_PROMPT_TOKENS_PER_SEC", 0.0)
+
+
 def load_config(argv: Sequence[str]) -> Config:
     found = parse_args(argv)
     if "model_path" not in found:
@@ -203,7 +216,9 @@ def load_config(argv: Sequence[str]) -> Config:
         tokens_per_sec=_env_float("FAKE_LLAMA_TOKENS_PER_SEC", 0.0),
         default_tokens=int(_env_float("FAKE_LLAMA_DEFAULT_TOKENS", 64)),
         flat_batch=max(int(_env_float("FAKE_LLAMA_FLAT_BATCH", 16)), 1),
-        prompt_tokens_per_sec=_env_float("FAKE_LLAMA_PROMPT_TOKENS_PER_SEC", 0.0),
+        prompt_tokens_per_sec=_prompt_rate(),
+        cache_ram_tokens=int(_env_float("FAKE_LLAMA_CACHE_RAM_TOKENS", 0)),
+        restore_ms_per_token=_env_float("FAKE_LLAMA_RESTORE_MS_PER_TOKEN", 0.005),
         load_seconds=_env_float("FAKE_LLAMA_LOAD_SECONDS", 0.0),
         n_params=int(_env_float("FAKE_LLAMA_N_PARAMS", 494_032_768)),
     )
@@ -614,11 +629,37 @@ class Stats:
 
 
 class SlotPool:
-    def __init__(self, n: int) -> None:
+    """Slots with their last prompt, plus llama-server's host-RAM prompt cache (``--cache-ram``):
+    a slot's prompt is saved there when the slot is given to a prompt that keeps less than half
+    of it, and a request restores the cached prompt sharing the longest prefix with it when that
+    beats its slot (``ram_tokens`` bounds the cache, oldest out first; 0 = no RAM cache)."""
+
+    def __init__(self, n: int, ram_tokens: int = 0) -> None:
         self.free: set[int] = set(range(n))
         self.prompts = [""] * n
         self.last_used = [0.0] * n
         self._waiters: list[asyncio.Future[None]] = []
+        self.ram_tokens = ram_tokens
+        self.ram: list[str] = []  # oldest first
+        self.restored_chars = 0  # of the last acquire: characters loaded from the RAM cache
+
+    def _save_and_restore(self, slot: int, prompt: str, cached: int) -> int:
+        old = self.prompts[slot]
+        if self.ram_tokens <= 0:
+            return cached
+        if old and cached * 2 < len(old):  # the slot loses most of what it held: keep it in RAM
+            self.ram.append(old)
+            while sum(count_tokens(p) for p in self.ram) > self.ram_tokens:
+                self.ram.pop(0)
+        best, best_len = -1, cached
+        for i, saved in enumerate(self.ram):
+            n = common_prefix_len(saved, prompt)
+            if n > best_len:
+                best, best_len = i, n
+        if best >= 0:
+            self.ram.pop(best)  # loaded into the slot (the slot's prompt replaces it)
+            self.restored_chars = best_len - cached
+        return best_len
 
     def _pick(self, prompt: str, wanted: int | None) -> tuple[int, int] | None:
         if wanted is not None and 0 <= wanted < len(self.prompts):
@@ -639,9 +680,12 @@ class SlotPool:
                 await waiter
             finally:
                 self._waiters.remove(waiter)
-        self.free.discard(picked[0])
-        self.prompts[picked[0]] = prompt
-        return picked
+        self.restored_chars = 0
+        slot, cached = picked
+        cached = self._save_and_restore(slot, prompt, cached)
+        self.free.discard(slot)
+        self.prompts[slot] = prompt
+        return slot, cached
 
     def release(self, slot: int) -> None:
         self.free.add(slot)
@@ -672,7 +716,8 @@ class FakeLlamaServer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.stats = Stats()
-        self.slots = SlotPool(cfg.parallel)
+        self.slots = SlotPool(cfg.parallel, cfg.cache_ram_tokens)
+        self.compute = asyncio.Lock()  # one GPU: prompt processing of concurrent requests queues
         self.ready_at = time.monotonic() + cfg.load_seconds
 
     # --- middlewares ---------------------------------------------------------------------------
@@ -780,12 +825,13 @@ class FakeLlamaServer:
             stats.deferred += 1
             try:
                 slot, cached_chars = await self.slots.acquire(job.prompt, job.wanted_slot)
+                restored_chars = self.slots.restored_chars
             finally:
                 stats.deferred -= 1
             try:
                 stats.active += 1
                 stats.max_active = max(stats.max_active, stats.active)
-                response, state = await self._generate(request, job, cached_chars)
+                response, state = await self._generate(request, job, cached_chars, restored_chars)
                 return response
             finally:
                 stats.active -= 1
@@ -801,7 +847,7 @@ class FakeLlamaServer:
                 case _:
                     stats.requests_aborted += 1
 
-    async def _generate(self, request: web.Request, job: Job, cached_chars: int) -> Finished:
+    async def _generate(self, request: web.Request, job: Job, cached_chars: int, restored_chars: int = 0) -> Finished:
         cfg, plan = self.cfg, job.plan
         prompt_tokens = count_tokens(job.prompt)
         if plan.context_exceeded or prompt_tokens >= cfg.slot_ctx:
@@ -812,9 +858,15 @@ class FakeLlamaServer:
         # llama-server always re-evaluates at least the last prompt token
         outcome = Outcome(prompt_tokens, min(cached_chars // BYTES_PER_TOKEN, prompt_tokens - 1))
         self.stats.prompt_tokens += prompt_tokens
-        delay = plan.first_delay
+        prefill_s = restored_chars / BYTES_PER_TOKEN * cfg.restore_ms_per_token / 1000
         if cfg.prompt_tokens_per_sec > 0:
-            delay += (prompt_tokens - outcome.cached) / cfg.prompt_tokens_per_sec
+            prefill_s += (prompt_tokens - outcome.cached) / cfg.prompt_tokens_per_sec
+        if prefill_s > 0:
+            started = time.monotonic()
+            async with self.compute:
+                await _sleep(prefill_s)
+            outcome.prompt_ms = (time.monotonic() - started) * 1e3
+        delay = plan.first_delay
         units = self._units(job, room=cfg.slot_ctx - prompt_tokens)
         if job.stream:
             return await self._stream(request, job, units, outcome, delay)
@@ -839,7 +891,7 @@ class FakeLlamaServer:
         await resp.prepare(request)  # llama-server sends headers once the slot starts the prompt
         started = time.monotonic()
         await _sleep(delay)
-        outcome.prompt_ms = (time.monotonic() - started) * 1e3
+        outcome.prompt_ms += (time.monotonic() - started) * 1e3
         plan, enc = job.plan, job.encoder
         first = enc.first
         if not units:
@@ -849,7 +901,7 @@ class FakeLlamaServer:
             units = [first + units[0], *units[1:]]  # the role chunk rides with the first token
             await self._pace(resp, units)
         outcome.completion_tokens = len(job.deltas)
-        outcome.predicted_ms = (time.monotonic() - started) * 1e3 - outcome.prompt_ms
+        outcome.predicted_ms = (time.monotonic() - started) * 1e3 - delay * 1e3
         if plan.tail:
             return resp, await self._tail(resp, plan.tail)
         await resp.write(enc.final(plan.finish, outcome, job.include_usage) + b"data: [DONE]\n\n")
@@ -892,7 +944,7 @@ class FakeLlamaServer:
         plan = job.plan
         rate = self.cfg.tokens_per_sec
         await _sleep(delay)
-        outcome.prompt_ms = delay * 1e3
+        outcome.prompt_ms += delay * 1e3
         gen_s = (len(units) / rate) if rate > 0 else 0.0
         await _sleep(gen_s)
         outcome.completion_tokens, outcome.predicted_ms = len(job.deltas), gen_s * 1e3

@@ -206,6 +206,27 @@ async def test_repeated_prompt_reports_cached_tokens(server: FakeProcess) -> Non
     assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
 
 
+async def test_host_ram_cache_restores_an_evicted_prompt(tmp_path: Path) -> None:
+    """One slot, RAM cache on: a prompt pushed out of the slot by another is restored from RAM
+    (cached, with timings.cache_n), and uncached tokens cost the configured prefill time."""
+    env = {"FAKE_LLAMA_CACHE_RAM_TOKENS": "100000", "FAKE_LLAMA_PREFILL_MS_PER_TOKEN": "0.2"}
+    fake = FakeProcess(tmp_path, parallel=1, env=env)
+    try:
+        first, other = chat_body("conversation one " * 200, max_tokens=1), chat_body("another " * 200, max_tokens=1)
+        for body in (first, other):
+            _, raw = await post(fake.url, body)
+            cold = orjson.loads(raw)
+            usage = cold["usage"]
+            assert usage["prompt_tokens_details"]["cached_tokens"] < 0.1 * usage["prompt_tokens"]  # the template
+            assert cold["timings"]["prompt_ms"] >= 0.2 * cold["timings"]["prompt_n"]
+        _, raw = await post(fake.url, first)
+        again = orjson.loads(raw)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
+        assert again["timings"]["cache_n"] == again["usage"]["prompt_tokens"] - 1
+    finally:
+        fake.stop()
+
+
 async def test_legacy_completions_stream(server: FakeProcess) -> None:
     status, raw = await post(server.url, {"prompt": "hi", "max_tokens": 2, "stream": True}, "/v1/completions")
     events = parse_sse(raw)
