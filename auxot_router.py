@@ -21,7 +21,6 @@ import secrets
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from auxot_common import anthropic_api as anthropic
+from auxot_common import keys as keystore
 from auxot_common import protocol as proto
 from auxot_common.auth import (
     API_KEY_PREFIX,
@@ -45,6 +45,17 @@ from auxot_common.auth import (
     generate_key,
     hash_key,
     parse_hashes,
+)
+from auxot_common.fairness import FairBacklog
+from auxot_common.limits import (
+    Decision,
+    Limiter,
+    Limits,
+    LocalLimiter,
+    RedisLimiter,
+    ratelimit_headers,
+    refusal_message,
+    resolve_limits,
 )
 from auxot_common.logs import redact_url, setup_logging
 from auxot_common.openai_api import (
@@ -64,6 +75,7 @@ from auxot_common.openai_api import (
 from auxot_common.queue import RelayPublisher, StreamQueue
 from auxot_common.registry import ModelResolution, RegistryError, load_registry, resolve_model
 from auxot_common.settings import ConfigError, EnvReader, load_environment
+from auxot_common.usage import FileUsage, RedisUsage, UsageStore
 
 VERSION = "0.1.0"
 DEFAULT_MODEL = "Qwen3-Coder-30B-A3B"
@@ -103,6 +115,12 @@ class RouterConfig:
     shutdown_grace: float = 30.0
     hello_timeout: float = 5.0
     sweep_interval: float = 15.0
+    keys_file: str = ""
+    usage_file: str = ""
+    default_limits: Limits = field(default_factory=Limits)
+    keys_refresh: float = 2.0
+    fair_readahead: int = 64
+    queue_notice: float = 1.0
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> RouterConfig:
@@ -144,6 +162,17 @@ class RouterConfig:
             shutdown_grace=read.duration("AUXOT_SHUTDOWN_GRACE", 30.0),
             hello_timeout=read.duration("AUXOT_HELLO_TIMEOUT", 5.0, minimum=0.1),
             sweep_interval=read.duration("AUXOT_SWEEP_INTERVAL", 15.0, minimum=0.05),
+            keys_file=str(keystore.keys_file_path(env)),
+            usage_file=read.text("AUXOT_USAGE_FILE", str(keystore.default_data_dir(env) / "usage.json")),
+            default_limits=Limits(
+                rpm=read.integer("AUXOT_DEFAULT_RPM", 0, minimum=0),
+                tpm=read.integer("AUXOT_DEFAULT_TPM", 0, minimum=0),
+                concurrency=read.integer("AUXOT_DEFAULT_CONCURRENCY", 0, minimum=0),
+                daily_tokens=read.integer("AUXOT_DEFAULT_DAILY_TOKENS", 0, minimum=0),
+            ),
+            keys_refresh=read.duration("AUXOT_KEYS_REFRESH", 2.0, minimum=0.05),
+            fair_readahead=read.integer("AUXOT_FAIR_READAHEAD", 64, minimum=0),
+            queue_notice=read.duration("AUXOT_QUEUE_NOTICE", 1.0, minimum=0.05),
         )
 
     def resolve(self, *, vram_total_gb: float = 0.0, vram_free_gb: float = 0.0) -> ModelResolution:
@@ -198,6 +227,8 @@ class WorkerConnection:
     running: dict[str, RunningJob] = field(default_factory=dict)
     side_jobs: set[str] = field(default_factory=set)  # slot-free jobs (tokenize) awaiting an answer
     connected_at: float = field(default_factory=time.time)
+    key_name: str = ""  # the GPU key it connected with, and that key's hash: revoking it disconnects
+    key_phc: str = ""
 
     @property
     def free(self) -> int:
@@ -255,6 +286,27 @@ class WorkerPool:
 # === Job tracking (the side holding the caller's request) =========================================
 
 
+@dataclass(slots=True)
+class Ticket:
+    """One admitted request: its key, its limits and concurrency lease, and its job."""
+
+    key_name: str
+    priority: int
+    limits: Limits
+    lease: str
+    decision: Decision
+    handle: JobHandle | None = None
+
+
+class RateLimitedError(Exception):
+    """The caller's key is over one of its limits (the ticket on the request has the headers)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
 class EventChannel:
     """Unbounded single-consumer channel; the consumer takes everything that arrived at once.
 
@@ -301,6 +353,29 @@ class JobHandle:
     content_sent: bool = False
     dispatched_to: tuple[str, str] | None = None  # (instance id, worker id)
     finished: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+    dispatched_at: float = 0.0  # monotonic; 0 while it waits for a slot
+    last_notice: float = field(default_factory=time.monotonic)
+    final: proto.Complete | proto.Error | None = None
+
+    def queue_ms(self) -> int:
+        """Milliseconds it waited for a slot (so far, if it still waits)."""
+        end = self.dispatched_at or time.monotonic()
+        return int((end - self.submitted) * 1000)
+
+
+@dataclass(slots=True)
+class QueueNotice:
+    """Internal event for a waiting streaming request: where it stands in the queue."""
+
+    position: int | None
+    eta_ms: int | None
+
+    def comment(self) -> bytes:
+        if self.position is None:
+            return b": queued\n\n"
+        eta = f" eta_ms={self.eta_ms}" if self.eta_ms is not None else ""
+        return f": queued position={self.position}{eta}\n\n".encode()
 
 
 class JobTracker:
@@ -317,14 +392,18 @@ class JobTracker:
         self.handles: dict[str, JobHandle] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    async def submit(self, job: proto.Job) -> JobHandle:
+    async def submit(self, job: proto.Job, ticket: Ticket | None = None) -> JobHandle:
         router = self._router
-        if await router.queue.depth() >= router.config.max_queue:
+        if ticket is not None:
+            job.key_name, job.priority = ticket.key_name, ticket.priority
+        if await router.queue.depth() + len(router.backlog) >= router.config.max_queue:
             raise QueueFullError
         now = time.time()
         job.reply_to = router.instance_id
         job.deadline = now + router.config.job_timeout
         handle = JobHandle(job=job, deadline=job.deadline)
+        if ticket is not None:
+            ticket.handle = handle
         self.handles[job.job_id] = handle
         try:
             await router.queue.enqueue(job, proto.encode(job))
@@ -341,25 +420,34 @@ class JobTracker:
         handle.events.put(message)
         return True
 
-    async def events(self, handle: JobHandle, keepalive: float) -> AsyncIterator[list[proto.Message]]:
-        """Batches of events for the caller; an empty batch means "nothing for a while"."""
+    async def events(
+        self, handle: JobHandle, keepalive: float
+    ) -> AsyncIterator[list[proto.Message | QueueNotice]]:
+        """Batches of events for the caller; an empty batch means "nothing for a while"; a
+        streaming job waiting for a slot gets a :class:`QueueNotice` every AUXOT_QUEUE_NOTICE."""
+        notice = self._router.config.queue_notice
         while not handle.finished:
             if time.time() >= handle.deadline:
                 yield [self._fail(handle, f"the job timed out after {self._router.config.job_timeout:g}s", 504)]
                 return
             batch = await handle.events.take()
             if not batch:  # woken by the ticker
+                if handle.job.stream and not handle.dispatched_at and time.monotonic() - handle.last_notice >= notice:
+                    handle.last_notice = handle.last_yield = time.monotonic()
+                    yield [self._router.queue_notice(handle.job.job_id)]
+                    continue
                 if time.monotonic() - handle.last_yield >= keepalive:
                     handle.last_yield = time.monotonic()
                     yield []
                 continue
-            out: list[proto.Message] = []
+            out: list[proto.Message | QueueNotice] = []
             for message in batch:
                 kind = type(message)
                 if kind is proto.Token or kind is proto.ToolCallDelta:  # the common case, first
                     out.append(message)
                 elif isinstance(message, proto.Dispatched):
                     handle.dispatched_to = (message.instance_id, message.worker_id)
+                    handle.dispatched_at = handle.dispatched_at or time.monotonic()
                 elif isinstance(message, proto.WorkerLost):
                     failure = await self._worker_lost(handle, message)
                     if failure is not None:
@@ -368,6 +456,7 @@ class JobTracker:
                 else:
                     out.append(message)
                     if isinstance(message, proto.Complete | proto.Error):
+                        handle.final = message
                         self._finish(handle)
                         break
             if out:  # a batch of only internal events is not a keep-alive tick
@@ -375,13 +464,16 @@ class JobTracker:
                 yield out
 
     async def tick_forever(self, keepalive: float) -> None:
-        """Wake requests that are due a keep-alive or past their deadline (one timer for all)."""
-        interval = min(0.25, keepalive / 2)
+        """Wake requests that are due a keep-alive, a queue notice or past their deadline (one
+        timer for all)."""
+        notice = self._router.config.queue_notice
+        interval = min(0.25, keepalive / 2, notice / 2)
         while True:
             await asyncio.sleep(interval)
             now, wall = time.monotonic(), time.time()
             for handle in list(self.handles.values()):
-                if now - handle.last_yield >= keepalive or wall >= handle.deadline:
+                due_notice = handle.job.stream and not handle.dispatched_at and now - handle.last_notice >= notice
+                if due_notice or now - handle.last_yield >= keepalive or wall >= handle.deadline:
                     handle.events.wake()
 
     async def _worker_lost(self, handle: JobHandle, lost: proto.WorkerLost) -> proto.Error | None:
@@ -391,6 +483,7 @@ class JobTracker:
             return self._fail(handle, f"the worker serving this request went away ({lost.reason}) {reason}", 502)
         job.attempt += 1
         handle.dispatched_to = None
+        handle.dispatched_at = 0.0
         log.warning("re-queueing job after worker loss", extra={"job_id": job.job_id, "attempt": job.attempt})
         try:
             await self._router.queue.enqueue(job, proto.encode(job))
@@ -441,7 +534,26 @@ class Router:
         self.resolution = config.resolve()
         self.policy = policy_from(self.resolution)
         self.model_name = self.resolution.model_name
-        self.backlog: deque[tuple[str, proto.Job]] = deque()
+        # jobs read from the queue and waiting for a slot: round-robin across keys (fairness.py)
+        self.backlog: FairBacklog[tuple[str, proto.Job]] = FairBacklog(
+            key_of=lambda entry: (entry[1].key_name, entry[1].priority), id_of=lambda entry: entry[1].job_id
+        )
+        self.job_seconds = 0.0  # moving average of a job's time on a worker, for queue estimates
+        self.key_cache = keystore.KeyCache(
+            keystore.RedisKeyStore(redis, config.redis_prefix)
+            if self.queue.shared
+            else keystore.FileKeyStore(Path(config.keys_file))
+        )
+        self.limiter: Limiter = (
+            RedisLimiter(redis, config.redis_prefix, lease_ttl=config.job_timeout + 60)
+            if self.queue.shared
+            else LocalLimiter(lease_ttl=config.job_timeout + 60)
+        )
+        self.usage: UsageStore = (
+            RedisUsage(redis, config.redis_prefix) if self.queue.shared else FileUsage(Path(config.usage_file))
+        )
+        self.gpu_hashes: list[NamedHash] = list(config.admin_key_hashes)
+        self.usage_admins = KeyVerifier([], cache_ttl=config.auth_cache_ttl)
         self.draining = False
         self.unacked: list[str] = []  # finished entries whose XACK failed (Redis away)
         self.in_flight = 0
@@ -449,20 +561,35 @@ class Router:
 
     # --- dispatch -------------------------------------------------------------------------------
 
+    def read_room(self) -> int:
+        """How many more queue entries to read into the local backlog now.
+
+        The fair backlog can only reorder what it holds, so the dispatcher reads ahead of its free
+        slots. Embedded, this instance is the only reader: it reads everything (up to
+        AUXOT_MAX_QUEUE), so fairness covers every waiting job. With a shared Redis, an entry this
+        instance reads can only run on its own workers, so it reads at most AUXOT_FAIR_READAHEAD
+        beyond its free slots, and nothing while it has no worker.
+        """
+        free = self.pool.total_free()
+        if not self.queue.shared:
+            return self.config.max_queue - len(self.backlog)
+        if not self.pool.workers:
+            return 0
+        return free + self.config.fair_readahead - len(self.backlog)
+
     async def dispatch_forever(self) -> None:
-        """Read as many jobs as local workers have free slots and hand each to the least busy."""
+        """Read jobs into the fair backlog and hand each to the least busy worker with a free slot
+        (completions and new workers dispatch from the backlog at once, see _dispatch_backlog)."""
         while True:
-            free = self.pool.total_free()
-            if (self.draining and self.queue.shared) or free <= 0:
+            room = self.read_room()
+            if (self.draining and self.queue.shared) or room <= 0:
                 self.pool.capacity_changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.pool.capacity_changed.wait(), 1.0)
-                continue
-            if self.backlog:
                 await self._dispatch_backlog()
                 continue
             try:
-                entries = await self.queue.read_jobs(free, timeout=1.0)
+                entries = await self.queue.read_jobs(room, timeout=1.0)
             except RedisError as exc:
                 log.error("reading jobs failed", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
@@ -504,6 +631,11 @@ class Router:
             if worker is None:
                 return
             entry_id, job = self.backlog.popleft()
+            self.pool.capacity_changed.set()  # room to read more ahead
+            local_gone = job.reply_to == self.instance_id and job.job_id not in self.tracker.handles
+            if local_gone or (job.deadline and job.deadline < time.time()):  # it waited in the backlog
+                await self.ack([entry_id])
+                continue
             worker.running[job.job_id] = RunningJob(entry_id, job)
             try:
                 await worker.send(job)
@@ -544,6 +676,7 @@ class Router:
                 else:
                     self.route(running.job.reply_to, message, raw)
                 await self.ack([running.entry_id])
+                await self._dispatch_backlog()  # the freed slot goes to the fair backlog's next job
         elif isinstance(message, proto.Heartbeat):
             await worker.send(proto.HeartbeatAck())
             try:  # a Redis outage must not drop a worker whose tokens need no Redis
@@ -559,6 +692,7 @@ class Router:
                 worker.slots = message.capabilities.total_slots
                 self.pool.capacity_changed.set()
             await worker.send(proto.ConfigAck(success=True))
+            await self._dispatch_backlog()
         elif isinstance(message, proto.Error):
             log.warning("worker reported an error", extra={"worker_id": worker.worker_id, "error": message.error})
         else:
@@ -583,6 +717,7 @@ class Router:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await worker.send(proto.Cancel(job_id))
         await self.ack([running.entry_id])
+        await self._dispatch_backlog()
 
     async def worker_gone(self, worker: WorkerConnection, reason: str) -> None:
         """A worker's socket closed: its running jobs go back to their owners to retry or fail."""
@@ -692,6 +827,80 @@ class Router:
         if isinstance(final, proto.Complete):
             return final.input_tokens
         return None
+
+    # --- keys, limits, usage, queue position ---------------------------------------------------
+
+    async def refresh_keys(self) -> None:
+        """Take up added, changed and revoked keys (polled every AUXOT_KEYS_REFRESH); workers whose
+        GPU key is gone are disconnected."""
+        if not await self.key_cache.poll():
+            return
+
+        def hashes(role: str) -> list[NamedHash]:
+            return [NamedHash(r.name, r.phc, r.tag) for r in self.key_cache.of_role(role)]
+
+        self.api_keys.replace_hashes(self.config.api_key_hashes + hashes("api"))
+        self.gpu_hashes = self.config.admin_key_hashes + hashes("gpu")
+        self.admin_keys.replace_hashes(self.gpu_hashes)
+        self.usage_admins.replace_hashes(hashes("admin"))
+        log.info("keys reloaded", extra={"keys": len(self.key_cache.records)})
+        valid = {(h.name, h.phc) for h in self.gpu_hashes}
+        for worker in list(self.pool.workers.values()):
+            if (worker.key_name, worker.key_phc) not in valid:
+                log.warning("disconnecting a worker: its GPU key was revoked", extra={"worker_id": worker.worker_id})
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await worker.ws.close(code=4003, message=b"GPU key revoked")
+
+    async def admit(self, request: web.Request) -> Ticket:
+        """Check the caller's limits before queueing; raises RateLimitedError (a 429)."""
+        name = request.get("auxot_key_name", "")
+        record = self.key_cache.get("api", name)
+        own = {f: getattr(record, f) for f in keystore.LIMIT_FIELDS} if record is not None else {}
+        limits = resolve_limits(own, self.config.default_limits)
+        lease = secrets.token_hex(8)
+        decision = await self.limiter.admit(name, limits, lease)
+        ticket = Ticket(name, record.priority if record is not None else 1, limits, lease, decision)
+        request["auxot_ticket"] = ticket
+        if not decision.allowed:
+            self.usage.add(name, rejected=1)
+            raise RateLimitedError(refusal_message(decision, limits), decision.reason)
+        return ticket
+
+    def settle(self, ticket: Ticket) -> None:
+        """At the job's end: its tokens count against TPM and the day, its slot is free, and its
+        usage is recorded."""
+        handle = ticket.handle
+        final = handle.final if handle is not None else None
+        counts = {"requests": 1}
+        tokens = 0
+        if isinstance(final, proto.Complete):
+            tokens = final.input_tokens + final.output_tokens
+            busy_ms = final.duration_ms or (
+                int((time.monotonic() - handle.dispatched_at) * 1000) if handle and handle.dispatched_at else 0
+            )
+            counts.update(
+                prompt_tokens=final.input_tokens,
+                cached_tokens=final.cache_tokens,
+                completion_tokens=final.output_tokens,
+                gpu_ms=busy_ms,
+            )
+            self.job_seconds = busy_ms / 1000 if not self.job_seconds else 0.8 * self.job_seconds + 0.2 * busy_ms / 1000
+        elif isinstance(final, proto.Error):
+            counts["errors"] = 1
+        self.limiter.settle(ticket.key_name, ticket.limits, ticket.lease, tokens)
+        self.usage.add(ticket.key_name, **counts)
+
+    def queue_notice(self, job_id: str) -> QueueNotice:
+        """Where a waiting job stands: its place in the fair backlog (or behind it, if it has not
+        been read yet) and an estimate from the average job time and the slots."""
+        position = self.backlog.position(job_id)
+        if position is None and not self.queue.shared:
+            position = len(self.backlog) + 1
+        slots = sum(w.slots for w in self.pool.workers.values())
+        eta = None
+        if position is not None and slots and self.job_seconds:
+            eta = int(((position - 1) // slots + 1) * self.job_seconds * 1000)
+        return QueueNotice(position, eta)
 
     # --- health ---------------------------------------------------------------------------------
 
@@ -818,6 +1027,12 @@ async def errors_middleware(
     except RedisError as exc:
         log.error("queue unavailable", extra={"error": str(exc), "path": request.path})
         return error_response(request, 503, "the job queue is unavailable; try again shortly", retry_after=2)
+    except RateLimitedError as exc:  # Retry-After and the rate-limit headers: add_account_headers
+        if is_anthropic(request):
+            return error_response(request, 429, exc.message)
+        kind = "tokens" if exc.reason in ("tokens", "daily_tokens") else "requests"
+        body = error_body(exc.message, kind, code="rate_limit_exceeded")
+        return web.json_response(body, status=429, dumps=_dumps)
     except QueueFullError:
         status = 529 if is_anthropic(request) else 429
         return error_response(
@@ -826,6 +1041,7 @@ async def errors_middleware(
 
 
 OPEN_PATHS = frozenset({"/health", "/ws"})
+ADMIN_PATH_PREFIX = "/admin/"
 
 
 @web.middleware
@@ -840,6 +1056,13 @@ async def auth_middleware(
     if not router.auth_failures.allowed(client):
         return error_response(request, 429, "too many failed authentication attempts; slow down", retry_after=60)
     key = presented_key(request)
+    if request.path.startswith(ADMIN_PATH_PREFIX):  # usage admins' keys (keys add NAME --admin)
+        admin = await router.usage_admins.verify(key) if key else None
+        if admin is None:
+            router.auth_failures.record_failure(client)
+            return error_response(request, 401, "an admin key (keys add NAME --admin) is required")
+        request["auxot_key_name"] = admin
+        return await handler(request)
     if not key:
         missing = (
             "missing API key: set the x-api-key header or use Bearer"
@@ -847,10 +1070,24 @@ async def auth_middleware(
             else "missing Bearer token"
         )
         return error_response(request, 401, missing)
-    if await router.api_keys.verify(key) is None:
+    name = await router.api_keys.verify(key)
+    if name is None:
         router.auth_failures.record_failure(client)
         return error_response(request, 401, "invalid API key")
+    request["auxot_key_name"] = name  # the access log, limits and usage name the key by this
     return await handler(request)
+
+
+async def add_account_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Rate-limit headers on every response of an admitted (or refused) job request, and the
+    time it waited for a slot."""
+    ticket: Ticket | None = request.get("auxot_ticket")
+    if ticket is None:
+        return
+    anthropic_api = is_anthropic(request)  # type: ignore[arg-type]
+    response.headers.update(ratelimit_headers(ticket.decision, ticket.limits, anthropic=anthropic_api))
+    if ticket.handle is not None:
+        response.headers["x-auxot-queue-ms"] = str(ticket.handle.queue_ms())
 
 
 @web.middleware
@@ -924,20 +1161,24 @@ async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> 
     completion_id = new_id("chatcmpl-" if kind == "chat" else "cmpl-")
     model = chat.model or router.model_name
     created = int(time.time())
-    handle = await router.tracker.submit(job_from(chat, kind, completion_id))
-    log.info("job accepted", extra={"job_id": completion_id, "kind": kind, "stream": chat.stream})
+    ticket = await router.admit(request)
     try:
-        if not chat.stream:
-            final = await wait_final(router, handle)
-            if isinstance(final, proto.Error):
-                return job_error_response(request, final)
-            build = chat_completion_body if kind == "chat" else completion_body
-            return json_response(build(final, completion_id=completion_id, model=model, created=created))
-        encoder_cls = OpenAIChatStream if kind == "chat" else OpenAICompletionStream
-        encoder = encoder_cls(completion_id, model, created, chat.include_usage)
-        return await stream_job(request, router, handle, encoder)
+        handle = await router.tracker.submit(job_from(chat, kind, completion_id), ticket)
+        log.info("job accepted", extra={"job_id": completion_id, "kind": kind, "stream": chat.stream})
+        try:
+            if not chat.stream:
+                final = await wait_final(router, handle)
+                if isinstance(final, proto.Error):
+                    return job_error_response(request, final)
+                build = chat_completion_body if kind == "chat" else completion_body
+                return json_response(build(final, completion_id=completion_id, model=model, created=created))
+            encoder_cls = OpenAIChatStream if kind == "chat" else OpenAICompletionStream
+            encoder = encoder_cls(completion_id, model, created, chat.include_usage)
+            return await stream_job(request, router, handle, encoder)
+        finally:
+            router.tracker.abandon(handle)
     finally:
-        router.tracker.abandon(handle)
+        router.settle(ticket)
 
 
 async def wait_final(router: Router, handle: JobHandle) -> proto.Complete | proto.Error:
@@ -989,13 +1230,16 @@ async def stream_job(
         if not batch:
             await response.write(keepalive)
             continue
+        if isinstance(batch[0], QueueNotice):  # alone in its batch: the job waits for a slot
+            await response.write(batch[0].comment())
+            continue
         await response.write(encode_batch(handle, encoder, batch))
     if response is None:  # pragma: no cover - events() always yields a final message
         raise web.HTTPInternalServerError()
     return response
 
 
-def encode_batch(handle: JobHandle, encoder: StreamEncoder, batch: list[proto.Message]) -> bytes:
+def encode_batch(handle: JobHandle, encoder: StreamEncoder, batch: list[proto.Message | QueueNotice]) -> bytes:
     out = bytearray()
     for message in batch:
         if isinstance(message, proto.Token):
@@ -1059,20 +1303,24 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     message_id = new_id("msg_")
     model = chat.model or router.model_name
     stop_sequences = body.get("stop_sequences") if isinstance(body.get("stop_sequences"), list) else None
-    handle = await router.tracker.submit(job_from(chat, "chat", new_id("chatcmpl-")))
-    log.info("job accepted", extra={"job_id": handle.job.job_id, "kind": "messages", "stream": chat.stream})
+    ticket = await router.admit(request)
     try:
-        if not chat.stream:
-            final = await wait_final(router, handle)
-            if isinstance(final, proto.Error):
-                return job_error_response(request, final)
-            return json_response(
-                anthropic.build_message(final, message_id=message_id, model=model, stop_sequences=stop_sequences)
-            )
-        encoder = anthropic.AnthropicStream(message_id, model, stop_sequences=stop_sequences)
-        return await stream_job(request, router, handle, encoder, keepalive=anthropic.AnthropicStream.ping())
+        handle = await router.tracker.submit(job_from(chat, "chat", new_id("chatcmpl-")), ticket)
+        log.info("job accepted", extra={"job_id": handle.job.job_id, "kind": "messages", "stream": chat.stream})
+        try:
+            if not chat.stream:
+                final = await wait_final(router, handle)
+                if isinstance(final, proto.Error):
+                    return job_error_response(request, final)
+                return json_response(
+                    anthropic.build_message(final, message_id=message_id, model=model, stop_sequences=stop_sequences)
+                )
+            encoder = anthropic.AnthropicStream(message_id, model, stop_sequences=stop_sequences)
+            return await stream_job(request, router, handle, encoder, keepalive=anthropic.AnthropicStream.ping())
+        finally:
+            router.tracker.abandon(handle)
     finally:
-        router.tracker.abandon(handle)
+        router.settle(ticket)
 
 
 TOKEN_COUNT_HEADER = "x-auxot-token-count"
@@ -1102,6 +1350,26 @@ async def health(request: web.Request) -> web.Response:
     return json_response(body, status=status)
 
 
+async def admin_usage(request: web.Request) -> web.Response:
+    """``GET /admin/usage?key=NAME&since=YYYY-MM-DD``: usage rows per key and UTC day."""
+    router = request.app[ROUTER]
+    since = request.query.get("since") or None
+    if since is not None and not _is_date(since):
+        return error_response(request, 400, "since must be a date: YYYY-MM-DD")
+    data = await router.usage.query(key=request.query.get("key") or None, since=since)
+    return json_response({"object": "list", "data": data})
+
+
+def _is_date(text: str) -> bool:
+    import datetime as dt
+
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
 async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     """The worker hub: hello within a few seconds, key check, policy, then jobs and events."""
     router = request.app[ROUTER]
@@ -1119,7 +1387,8 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         await ws.close()
         return ws
     client = request.remote or "unknown"
-    if not router.auth_failures.allowed(client) or await router.admin_keys.verify(hello.gpu_key) is None:
+    key_name = await router.admin_keys.verify(hello.gpu_key) if router.auth_failures.allowed(client) else None
+    if key_name is None:
         router.auth_failures.record_failure(client)
         log.warning("worker rejected: invalid GPU key", extra={"remote": client})
         await ws.send_str(
@@ -1136,8 +1405,15 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         await ws.close()
         return ws
     slots = hello.capabilities.total_slots or router.policy.max_parallelism
+    key_phc = next((h.phc for h in router.gpu_hashes if h.name == key_name), "")
     worker = WorkerConnection(
-        worker_id=worker_id, ws=ws, capabilities=hello.capabilities, slots=slots, policy=ack.policy
+        worker_id=worker_id,
+        ws=ws,
+        capabilities=hello.capabilities,
+        slots=slots,
+        policy=ack.policy,
+        key_name=key_name,
+        key_phc=key_phc,
     )
     await serve_worker(router, worker)
     return ws
@@ -1159,6 +1435,7 @@ async def receive_hello(ws: web.WebSocketResponse, timeout: float) -> proto.Hell
 
 async def serve_worker(router: Router, worker: WorkerConnection) -> None:
     router.pool.add(worker)
+    await router._dispatch_backlog()
     log.info(
         "worker connected",
         extra={"worker_id": worker.worker_id, "model": worker.capabilities.model, "slots": worker.slots},
@@ -1222,6 +1499,24 @@ async def liveness(router: Router) -> None:
         await asyncio.sleep(min(config.dead_worker_timeout / 3, config.sweep_interval))
 
 
+async def keys_and_usage(router: Router) -> None:
+    """Poll the key store for changes; send usage and limit settlements out every second."""
+    last_poll = time.monotonic()
+    while True:
+        await asyncio.sleep(min(router.config.keys_refresh, 1.0))
+        if time.monotonic() - last_poll >= router.config.keys_refresh:
+            last_poll = time.monotonic()
+            try:
+                await router.refresh_keys()
+            except (RedisError, OSError, keystore.KeyStoreError) as exc:
+                log.error("could not read the key store; keeping the keys known", extra={"error": str(exc)})
+        try:
+            await router.usage.flush()
+            await router.limiter.flush()
+        except RedisError as exc:
+            log.warning("could not record usage", extra={"error": str(exc)})
+
+
 async def reclaim(router: Router) -> None:
     claimed = await router.queue.reclaim_from_dead_instances(router.config.dead_worker_timeout)
     if not claimed:
@@ -1236,7 +1531,12 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     router = app[ROUTER]
     await router.queue.ensure_group()
     await router.queue.beat_instance(router.config.dead_worker_timeout)
+    try:
+        await router.refresh_keys()
+    except (OSError, keystore.KeyStoreError) as exc:  # the env keys still work; polling retries
+        log.error("could not read the key store", extra={"error": str(exc)})
     tasks = [
+        asyncio.create_task(keys_and_usage(router), name="keys-and-usage"),
         asyncio.create_task(router.dispatch_forever(), name="dispatcher"),
         asyncio.create_task(relay_reader(router), name="relay-reader"),
         asyncio.create_task(liveness(router), name="liveness"),
@@ -1248,9 +1548,13 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
     await router.relay.close()
     with contextlib.suppress(RedisError):
+        await router.usage.flush()
+        await router.limiter.flush()
+    with contextlib.suppress(RedisError):
         await router.queue.drop_instance()
     router.api_keys.close()
     router.admin_keys.close()
+    router.usage_admins.close()
 
 
 async def drain(router: Router) -> None:
@@ -1311,6 +1615,7 @@ ANTHROPIC_ROUTES: list[tuple[str, str, Handler]] = [
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/ws", worker_socket)
+    app.router.add_get("/admin/usage", admin_usage)
     added: set[tuple[str, str]] = set()
     for api, table in (("openai", OPENAI_ROUTES), ("anthropic", ANTHROPIC_ROUTES)):
         for method, rest, handler in table:
@@ -1338,6 +1643,7 @@ def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Applicat
     add_routes(app)
     app.cleanup_ctx.append(background_tasks)
     app.on_shutdown.append(close_worker_sockets)
+    app.on_response_prepare.append(add_account_headers)
     return app
 
 
@@ -1370,6 +1676,10 @@ commands:
                       generate an API key (rtr_) and a GPU key (adm_) with their Argon2id hashes
   models [--json] [--family F] [--max-vram GB] [--capability C] [--search TEXT]
                       list the models of the registry
+  keys add NAME [--rpm N] [--tpm N] [--concurrency N] [--daily-tokens N] [--priority P] [--gpu|--admin]
+                      create a named key (printed once); keys list | keys set NAME ... | keys revoke NAME
+  usage [--key NAME] [--since YYYY-MM-DD] [--json]
+                      usage per key and UTC day
   version             print the version
 """
 
@@ -1470,6 +1780,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "setup":
         return setup_command(args[1:])
+    if command in ("keys", "usage"):
+        from auxot_common.accounts_cli import keys_command, usage_command
+
+        run = keys_command if command == "keys" else usage_command
+        return run(args[1:], load_environment())
     if command == "models":
         from auxot_common.registry import models_command
 

@@ -57,6 +57,7 @@ def verify_hash(phc: str, key: str) -> bool:
 class NamedHash:
     name: str
     phc: str
+    tag: str = ""  # lookup tag of a stored named key (auxot_common.keys.lookup_tag); "" for env hashes
 
 
 def parse_hashes(value: str) -> list[NamedHash]:
@@ -136,6 +137,7 @@ class KeyVerifier:
         self._cache: OrderedDict[bytes, _CacheEntry] = OrderedDict()
         self._executor = executor or ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="argon2")
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._generation = 0  # bumped by replace_hashes: an answer computed across it is not cached
 
     async def verify(self, key: str) -> str | None:
         """The name of the matching hash, or None if the key is invalid."""
@@ -147,18 +149,41 @@ class KeyVerifier:
         if entry is not None and entry.expires > now:
             self._cache.move_to_end(digest)
             return entry.name
+        generation = self._generation
         async with self._slots:
             loop = asyncio.get_running_loop()
             name = await loop.run_in_executor(self._executor, self._match, key)
+        if generation != self._generation:  # the hashes changed meanwhile: answer, but do not remember
+            return name if name is None or any(h.name == name for h in self._hashes) else None
         self._cache[digest] = _CacheEntry(name=name, expires=time.monotonic() + self._ttl)
         self._cache.move_to_end(digest)
         while len(self._cache) > self._size:
             self._cache.popitem(last=False)
         return name
 
+    def replace_hashes(self, hashes: Iterable[NamedHash]) -> None:
+        """Use a new set of hashes (a key added, changed or revoked while running).
+
+        Cached answers stay valid for names whose hash did not change; a removed or re-issued
+        name's cached successes go, and so do all cached failures (the key may be new).
+        """
+        fresh = list(hashes)
+        old = {h.name: h.phc for h in self._hashes}
+        new = {h.name: h.phc for h in fresh}
+        stale = {name for name, phc in old.items() if new.get(name) != phc}
+        self._hashes = fresh
+        self._generation += 1
+        for digest, entry in list(self._cache.items()):
+            if entry.name is None or entry.name in stale:
+                del self._cache[digest]
+
     def _match(self, key: str) -> str | None:
         found: str | None = None
-        for entry in self._hashes:  # check all, so timing does not tell which entry matched
+        candidates = self._hashes
+        if any(entry.tag for entry in candidates):  # one Argon2 per stored key, not one per key stored
+            tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+            candidates = [entry for entry in candidates if not entry.tag or entry.tag == tag]
+        for entry in candidates:  # check all, so timing does not tell which entry matched
             if verify_hash(entry.phc, key) and found is None:
                 found = entry.name
         return found

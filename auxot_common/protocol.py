@@ -234,6 +234,8 @@ class Job:
     reply_to: str = ""
     attempt: int = 1
     deadline: float = 0.0
+    key_name: str = ""  # the caller's API key name: the fair backlog's lane (never the key itself)
+    priority: int = 1  # that key's weight in the fair backlog
     type: ClassVar[str] = "job"
     _always: ClassVar[frozenset[str]] = frozenset({"job_id", "messages"})
 
