@@ -914,7 +914,7 @@ class Router:
         }
         status = 200
         try:
-            depth = await self.queue.depth()
+            depth = await self.queue.depth() + len(self.backlog)  # read ahead into the fair backlog, still waiting
             cluster = await self.queue.cluster_workers()
         except RedisError:
             depth, cluster, status = -1, [], 503
