@@ -103,6 +103,8 @@ FULL_MESSAGES: list[Any] = [
         reply_to="instance-a",
         attempt=2,
         deadline=1700000000.5,
+        key_name="alice",
+        priority=3,
     ),
     Cancel(job_id="chatcmpl-1"),
     PolicyUpdate(policy=FULL_POLICY),
