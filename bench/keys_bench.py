@@ -85,7 +85,7 @@ def run(limits: bool, args: argparse.Namespace, tmp: Path, keys: Keys) -> dict[s
     settings = {"AUXOT_LOG_LEVEL": "warn", "AUXOT_MAX_PARALLEL": str(args.concurrency), **(LIMITS_ON if limits else {})}
     log_dir = tmp / ("on" if limits else "off")
     api_keys = write_keys(log_dir / "data" / "keys.json", args.keys)  # the router's data directory
-    router = RouterProcess(keys, log_dir, **settings)
+    router = RouterProcess(keys, log_dir, "router", None, **settings)
     model = tmp / "fake.gguf"
     worker = WorkerProcess(router, log_dir, model=model, llama=FAKE_LLAMA, AUXOT_LOG_LEVEL="warn")
     try:
@@ -96,7 +96,7 @@ def run(limits: bool, args: argparse.Namespace, tmp: Path, keys: Keys) -> dict[s
     finally:
         worker.stop()
         router.stop()
-    line = {"bench": "keys", "limits": "on" if limits else "off", "keys": len(api_keys), **result}
+    line: dict[str, object] = {"bench": "keys", "limits": "on" if limits else "off", "keys": len(api_keys), **result}
     print(orjson.dumps(line).decode(), flush=True)
     return line
 
