@@ -23,7 +23,6 @@ import secrets
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from auxot_common import anthropic_api as anthropic
+from auxot_common import keys as keystore
 from auxot_common import protocol as proto
 from auxot_common.auth import (
     API_KEY_PREFIX,
@@ -51,6 +51,17 @@ from auxot_common.auth import (
 )
 from auxot_common.clientaddr import Network, client_address, parse_trusted_proxies
 from auxot_common.embeddings import embeddings_body, parse_embeddings_request
+from auxot_common.fairness import FairBacklog
+from auxot_common.limits import (
+    Decision,
+    Limiter,
+    Limits,
+    LocalLimiter,
+    RedisLimiter,
+    ratelimit_headers,
+    refusal_message,
+    resolve_limits,
+)
 from auxot_common.logs import redact_url, setup_logging
 from auxot_common.models import (
     CatalogError,
@@ -80,6 +91,7 @@ from auxot_common.queue import RelayPublisher, StreamQueue
 from auxot_common.registry import ModelResolution, Registry, RegistryError, load_registry, resolve_model
 from auxot_common.routing import ROUTING_MODES, Choice, RoutingConfig, RoutingPolicy, make_policy, session_hint
 from auxot_common.settings import ConfigError, EnvReader, load_environment
+from auxot_common.usage import FileUsage, RedisUsage, UsageStore
 
 VERSION = "0.1.0"
 DEFAULT_MODEL = "Qwen3-Coder-30B-A3B"
@@ -127,6 +139,12 @@ class RouterConfig:
     health_refresh: float = 1.0
     auth_failure_burst: int = 20
     auth_failures_per_minute: int = 30
+    keys_file: str = ""
+    usage_file: str = ""
+    default_limits: Limits = field(default_factory=Limits)
+    keys_refresh: float = 2.0
+    fair_readahead: int = 64
+    queue_notice: float = 1.0
     routing: str = "cache"  # AUXOT_ROUTING: cache | least-busy | round-robin
     cache_max_wait: float = 3.0  # AUXOT_CACHE_MAX_WAIT: longest hold for a busy warm worker
     models: str = ""  # AUXOT_MODELS: comma-separated, the first is the default
@@ -189,6 +207,17 @@ class RouterConfig:
             health_refresh=read.duration("AUXOT_HEALTH_REFRESH", 1.0, minimum=0.05),
             auth_failure_burst=read.integer("AUXOT_AUTH_FAILURE_BURST", 20, minimum=1),
             auth_failures_per_minute=read.integer("AUXOT_AUTH_FAILURES_PER_MINUTE", 30, minimum=1),
+            keys_file=str(keystore.keys_file_path(env)),
+            usage_file=read.text("AUXOT_USAGE_FILE", str(keystore.default_data_dir(env) / "usage.json")),
+            default_limits=Limits(
+                rpm=read.integer("AUXOT_DEFAULT_RPM", 0, minimum=0),
+                tpm=read.integer("AUXOT_DEFAULT_TPM", 0, minimum=0),
+                concurrency=read.integer("AUXOT_DEFAULT_CONCURRENCY", 0, minimum=0),
+                daily_tokens=read.integer("AUXOT_DEFAULT_DAILY_TOKENS", 0, minimum=0),
+            ),
+            keys_refresh=read.duration("AUXOT_KEYS_REFRESH", 2.0, minimum=0.05),
+            fair_readahead=read.integer("AUXOT_FAIR_READAHEAD", 64, minimum=0),
+            queue_notice=read.duration("AUXOT_QUEUE_NOTICE", 1.0, minimum=0.05),
             routing=read.choice("AUXOT_ROUTING", "cache", ROUTING_MODES),
             cache_max_wait=read.duration("AUXOT_CACHE_MAX_WAIT", 3.0),
             models=read.text("AUXOT_MODELS", ""),
@@ -275,6 +304,8 @@ class WorkerConnection:
     running: dict[str, RunningJob] = field(default_factory=dict)
     side_jobs: set[str] = field(default_factory=set)  # slot-free jobs (tokenize) awaiting an answer
     connected_at: float = field(default_factory=time.time)
+    key_name: str = ""  # the GPU key it connected with, and that key's hash: revoking it disconnects
+    key_phc: str = ""
     model: str = ""  # the canonical name of the model (pool) it serves
     requested_model: str = ""  # what it asked for (--model); such a worker is never moved
     movable: bool = False  # asked for nothing and reports the model it runs (Capabilities.policy_model)
@@ -306,7 +337,13 @@ class WorkerConnection:
         }
 
 
-Backlog = deque[tuple[str, proto.Job]]  # (stream entry id, job); the `keys` fair backlog has this interface
+Backlog = FairBacklog[tuple[str, proto.Job]]  # (stream entry id, job), round-robin across API keys
+
+
+def new_backlog() -> Backlog:
+    """Jobs read from a model's stream that wait for a slot: round-robin across API keys weighted
+    by priority, first come first served within a key (auxot_common/fairness.py)."""
+    return FairBacklog(key_of=lambda entry: (entry[1].key_name, entry[1].priority), id_of=lambda entry: entry[1].job_id)
 
 
 @dataclass(slots=True)
@@ -333,7 +370,7 @@ class ModelPool:
         self.spec = spec
         self.routing: RoutingPolicy = routing or make_policy("least-busy", RoutingConfig())
         self.workers: dict[str, WorkerConnection] = {}
-        self.backlog: Backlog = deque()
+        self.backlog: Backlog = new_backlog()
         self.capacity_changed = asyncio.Event()
         self.dispatcher: asyncio.Task[None] | None = None
         self.stats = PoolStats()
@@ -428,6 +465,27 @@ class WorkerPool:
 # === Job tracking (the side holding the caller's request) =========================================
 
 
+@dataclass(slots=True)
+class Ticket:
+    """One admitted request: its key, its limits and concurrency lease, and its job."""
+
+    key_name: str
+    priority: int
+    limits: Limits
+    lease: str
+    decision: Decision
+    handle: JobHandle | None = None
+
+
+class RateLimitedError(Exception):
+    """The caller's key is over one of its limits (the ticket on the request has the headers)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
 class EventChannel:
     """Unbounded single-consumer channel; the consumer takes everything that arrived at once.
 
@@ -485,6 +543,29 @@ class JobHandle:
     dispatched_to: tuple[str, str] | None = None  # (instance id, worker id)
     finished: bool = False
     side_worker: WorkerConnection | None = None  # a slot-free job (tokenize) sent straight to it
+    submitted: float = field(default_factory=time.monotonic)
+    dispatched_at: float = 0.0  # monotonic; 0 while it waits for a slot
+    last_notice: float = field(default_factory=time.monotonic)
+    final: proto.Complete | proto.Error | None = None
+
+    def queue_ms(self) -> int:
+        """Milliseconds it waited for a slot (so far, if it still waits)."""
+        end = self.dispatched_at or time.monotonic()
+        return int((end - self.submitted) * 1000)
+
+
+@dataclass(slots=True)
+class QueueNotice:
+    """Internal event for a waiting streaming request: where it stands in the queue."""
+
+    position: int | None
+    eta_ms: int | None
+
+    def comment(self) -> bytes:
+        if self.position is None:
+            return b": queued\n\n"
+        eta = f" eta_ms={self.eta_ms}" if self.eta_ms is not None else ""
+        return f": queued position={self.position}{eta}\n\n".encode()
 
 
 class JobTracker:
@@ -501,9 +582,13 @@ class JobTracker:
         self.handles: dict[str, JobHandle] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    async def submit(self, job: proto.Job) -> JobHandle:
+    async def submit(self, job: proto.Job, ticket: Ticket | None = None) -> JobHandle:
         router = self._router
-        if await router.queue.depth(job.model) >= router.config.max_queue:
+        if ticket is not None:
+            job.key_name, job.priority = ticket.key_name, ticket.priority
+        pool = router.pool.pool(job.model)
+        backlog = len(pool.backlog) if pool is not None else 0  # read ahead into the fair backlog
+        if await router.queue.depth(job.model) + backlog >= router.config.max_queue:
             raise QueueFullError
         now = time.time()
         job.reply_to = router.instance_id
@@ -516,6 +601,8 @@ class JobTracker:
                 f"{router.config.max_ws_message_bytes} (AUXOT_MAX_WS_MESSAGE_BYTES)",
             )
         handle = JobHandle(job=job, deadline=job.deadline)
+        if ticket is not None:
+            ticket.handle = handle
         self.handles[job.job_id] = handle
         try:
             await router.queue.enqueue(job, encoded)
@@ -532,19 +619,27 @@ class JobTracker:
         handle.events.put(message)
         return True
 
-    async def events(self, handle: JobHandle, keepalive: float) -> AsyncIterator[list[proto.Message]]:
-        """Batches of events for the caller; an empty batch means "nothing for a while"."""
+    async def events(
+        self, handle: JobHandle, keepalive: float
+    ) -> AsyncIterator[list[proto.Message | QueueNotice]]:
+        """Batches of events for the caller; an empty batch means "nothing for a while"; a
+        streaming job waiting for a slot gets a :class:`QueueNotice` every AUXOT_QUEUE_NOTICE."""
+        notice = self._router.config.queue_notice
         while not handle.finished:
             if time.time() >= handle.deadline:
                 yield [self._fail(handle, f"the job timed out after {self._router.config.job_timeout:g}s", 504)]
                 return
             batch = await handle.events.take()
             if not batch:  # woken by the ticker
+                if handle.job.stream and not handle.dispatched_at and time.monotonic() - handle.last_notice >= notice:
+                    handle.last_notice = handle.last_yield = time.monotonic()
+                    yield [self._router.queue_notice(handle.job)]
+                    continue
                 if time.monotonic() - handle.last_yield >= keepalive:
                     handle.last_yield = time.monotonic()
                     yield []
                 continue
-            out: list[proto.Message] = []
+            out: list[proto.Message | QueueNotice] = []
             for message in batch:
                 kind = type(message)
                 if kind is proto.Token or kind is proto.ToolCallDelta:  # the common case, first
@@ -553,6 +648,7 @@ class JobTracker:
                     handle.content_sent = True
                 elif isinstance(message, proto.Dispatched):
                     handle.dispatched_to = (message.instance_id, message.worker_id)
+                    handle.dispatched_at = handle.dispatched_at or time.monotonic()
                 elif isinstance(message, proto.WorkerLost):
                     failure = await self._worker_lost(handle, message)
                     if failure is not None:
@@ -561,6 +657,7 @@ class JobTracker:
                 else:
                     out.append(message)
                     if isinstance(message, proto.Complete | proto.Error):
+                        handle.final = message
                         self._finish(handle)
                         break
             if out:  # a batch of only internal events is not a keep-alive tick
@@ -568,13 +665,16 @@ class JobTracker:
                 yield out
 
     async def tick_forever(self, keepalive: float) -> None:
-        """Wake requests that are due a keep-alive or past their deadline (one timer for all)."""
-        interval = min(0.25, keepalive / 2)
+        """Wake requests that are due a keep-alive, a queue notice or past their deadline (one
+        timer for all)."""
+        notice = self._router.config.queue_notice
+        interval = min(0.25, keepalive / 2, notice / 2)
         while True:
             await asyncio.sleep(interval)
             now, wall = time.monotonic(), time.time()
             for handle in list(self.handles.values()):
-                if now - handle.last_yield >= keepalive or wall >= handle.deadline:
+                due_notice = handle.job.stream and not handle.dispatched_at and now - handle.last_notice >= notice
+                if due_notice or now - handle.last_yield >= keepalive or wall >= handle.deadline:
                     handle.events.wake()
 
     async def _worker_lost(self, handle: JobHandle, lost: proto.WorkerLost) -> proto.Error | None:
@@ -644,6 +744,22 @@ class Router:
         self._set_default()
         for spec in self.catalog.specs:
             self.pool.pools[spec.name] = self.new_pool(spec)
+        self.job_seconds = 0.0  # moving average of a job's time on a worker, for queue estimates
+        self.key_cache = keystore.KeyCache(
+            keystore.RedisKeyStore(redis, config.redis_prefix)
+            if self.queue.shared
+            else keystore.FileKeyStore(Path(config.keys_file))
+        )
+        self.limiter: Limiter = (
+            RedisLimiter(redis, config.redis_prefix, lease_ttl=config.job_timeout + 60)
+            if self.queue.shared
+            else LocalLimiter(lease_ttl=config.job_timeout + 60)
+        )
+        self.usage: UsageStore = (
+            RedisUsage(redis, config.redis_prefix) if self.queue.shared else FileUsage(Path(config.usage_file))
+        )
+        self.gpu_hashes: list[NamedHash] = list(config.admin_key_hashes)
+        self.usage_admins = KeyVerifier([], cache_ttl=config.auth_cache_ttl, limiter=self.auth_failures)
         self.draining = False
         self.running = False  # dispatchers are started (background_tasks) and new pools get one
         self.unacked: list[tuple[str, str]] = []  # (model, entry) finished, but XACK failed (Redis away)
@@ -697,31 +813,45 @@ class Router:
         for pool in self.pool.pools.values():
             pool.dispatcher = None
 
+    def read_room(self, pool: ModelPool) -> int:
+        """How many more queue entries of ``pool``'s model to read into its backlog now.
+
+        The fair backlog can only reorder what it holds, so the dispatcher reads ahead of its free
+        slots. Embedded, this instance is the only reader: it reads everything (up to
+        AUXOT_MAX_QUEUE), so fairness covers every waiting job. With a shared Redis, an entry this
+        instance reads can only run on its own workers, so it reads at most AUXOT_FAIR_READAHEAD
+        beyond its free slots, and nothing while the pool has no worker here.
+        """
+        if not self.queue.shared:
+            return self.config.max_queue - len(pool.backlog)
+        if not pool.workers:
+            return 0
+        return pool.total_free() + self.config.fair_readahead - len(pool.backlog)
+
     async def dispatch_forever(self, pool: ModelPool) -> None:
-        """Read as many jobs of the pool's model as its workers have free slots, and hand each
-        to the worker :meth:`ModelPool.pick` chooses."""
+        """Read jobs of the pool's model into its fair backlog and hand each to the worker
+        :meth:`ModelPool.pick` chooses. Completions, new workers and slot announcements also
+        dispatch from the backlog at once (:meth:`_dispatch_backlog`); this loop reads, and looks
+        again at jobs held for their busy warm worker when their hold runs out."""
         model = pool.name
         while True:
-            free = pool.total_free()
-            if (self.draining and self.queue.shared) or free <= 0:
+            if self.draining and self.queue.shared:
                 pool.capacity_changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(pool.capacity_changed.wait(), 1.0)
                 continue
             held = await self._dispatch_backlog(pool) if pool.backlog else 0.0
-            free = pool.total_free()
-            if free <= 0:
-                continue
-            if pool.backlog and not held:  # no open worker could take them (sockets closing)
+            # held jobs stay in the backlog without blocking the jobs behind them; the short
+            # timeout looks at them again soon after a slot frees
+            timeout = 1.0 if not held else min(max(held - time.monotonic(), 0.01), HELD_JOB_POLL_S)
+            room = self.read_room(pool)
+            if room <= 0:
                 pool.capacity_changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(pool.capacity_changed.wait(), HELD_JOB_POLL_S)
+                    await asyncio.wait_for(pool.capacity_changed.wait(), timeout)
                 continue
-            # jobs held for their busy warm worker stay in the backlog without blocking new ones;
-            # the read's short timeout looks at them again soon after a slot frees
-            timeout = 1.0 if not held else min(max(held - time.monotonic(), 0.01), HELD_JOB_POLL_S)
             try:
-                entries = await self.queue.read_jobs(free, timeout=timeout, model=model)
+                entries = await self.queue.read_jobs(room, timeout=timeout, model=model)
             except RedisError as exc:
                 log.error("reading jobs failed", extra={"error": str(exc), "model": model})
                 await asyncio.sleep(1.0)
@@ -765,6 +895,12 @@ class Router:
         wake = 0.0
         while pool.backlog:
             entry_id, job = pool.backlog.popleft()
+            pool.capacity_changed.set()  # room to read more ahead
+            local_gone = job.reply_to == self.instance_id and job.job_id not in self.tracker.handles
+            if local_gone or (job.deadline and job.deadline < time.time()):  # it waited in the backlog
+                pool.routing.forget_job(job.job_id)
+                await self.ack([entry_id], pool.name)
+                continue
             choice = pool.pick(job)
             worker = choice.worker
             if worker is None:
@@ -823,6 +959,8 @@ class Router:
                 else:
                     self.route(running.job.reply_to, message, raw)
                 await self.ack([running.entry_id], running.job.model)
+                if pool is not None:  # the freed slot goes to the fair backlog's next job
+                    await self._dispatch_backlog(pool)
         elif isinstance(message, proto.Heartbeat):
             if message.jobs is not None:
                 await self._check_reported_jobs(worker, set(message.jobs))
@@ -856,6 +994,7 @@ class Router:
                 worker.slots = message.capabilities.total_slots
                 self._capacity_changed(worker)
             await worker.send(proto.ConfigAck(success=True))
+            await self._dispatch_worker_pool(worker)
         elif isinstance(message, proto.Error):
             log.warning("worker reported an error", extra={"worker_id": worker.worker_id, "error": message.error})
         else:
@@ -911,6 +1050,13 @@ class Router:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await worker.send(proto.Cancel(job_id))
         await self.ack([running.entry_id], running.job.model)
+        await self._dispatch_worker_pool(worker)
+
+    async def _dispatch_worker_pool(self, worker: WorkerConnection) -> None:
+        """``worker`` has room now: its pool's backlog gets the slot at once."""
+        pool = self.pool.pool(worker.model)
+        if pool is not None and pool.backlog:
+            await self._dispatch_backlog(pool)
 
     async def worker_gone(self, worker: WorkerConnection, reason: str) -> None:
         """A worker's socket closed: its running jobs go back to their owners to retry or fail."""
@@ -1158,6 +1304,83 @@ class Router:
             return final.input_tokens
         return None
 
+    # --- keys, limits, usage, queue position ---------------------------------------------------
+
+    async def refresh_keys(self) -> None:
+        """Take up added, changed and revoked keys (polled every AUXOT_KEYS_REFRESH); workers whose
+        GPU key is gone are disconnected."""
+        if not await self.key_cache.poll():
+            return
+
+        def hashes(role: str) -> list[NamedHash]:
+            return [NamedHash(r.name, r.phc, r.tag) for r in self.key_cache.of_role(role)]
+
+        self.api_keys.replace_hashes(self.config.api_key_hashes + hashes("api"))
+        self.gpu_hashes = self.config.admin_key_hashes + hashes("gpu")
+        self.admin_keys.replace_hashes(self.gpu_hashes)
+        self.usage_admins.replace_hashes(hashes("admin"))
+        log.info("keys reloaded", extra={"keys": len(self.key_cache.records)})
+        valid = {(h.name, h.phc) for h in self.gpu_hashes}
+        for worker in list(self.pool.workers.values()):
+            if (worker.key_name, worker.key_phc) not in valid:
+                log.warning("disconnecting a worker: its GPU key was revoked", extra={"worker_id": worker.worker_id})
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await worker.ws.close(code=4003, message=b"GPU key revoked")
+
+    async def admit(self, request: web.Request) -> Ticket:
+        """Check the caller's limits before queueing; raises RateLimitedError (a 429)."""
+        name = request.get("auxot_key_name", "")
+        record = self.key_cache.get("api", name)
+        own = {f: getattr(record, f) for f in keystore.LIMIT_FIELDS} if record is not None else {}
+        limits = resolve_limits(own, self.config.default_limits)
+        lease = secrets.token_hex(8)
+        decision = await self.limiter.admit(name, limits, lease)
+        ticket = Ticket(name, record.priority if record is not None else 1, limits, lease, decision)
+        request["auxot_ticket"] = ticket
+        if not decision.allowed:
+            self.usage.add(name, rejected=1)
+            raise RateLimitedError(refusal_message(decision, limits), decision.reason)
+        return ticket
+
+    def settle(self, ticket: Ticket) -> None:
+        """At the job's end: its tokens count against TPM and the day, its slot is free, and its
+        usage is recorded."""
+        handle = ticket.handle
+        final = handle.final if handle is not None else None
+        counts = {"requests": 1}
+        tokens = 0
+        if isinstance(final, proto.Complete):
+            tokens = final.input_tokens + final.output_tokens
+            busy_ms = final.duration_ms or (
+                int((time.monotonic() - handle.dispatched_at) * 1000) if handle and handle.dispatched_at else 0
+            )
+            counts.update(
+                prompt_tokens=final.input_tokens,
+                cached_tokens=final.cache_tokens,
+                completion_tokens=final.output_tokens,
+                gpu_ms=busy_ms,
+            )
+            self.job_seconds = busy_ms / 1000 if not self.job_seconds else 0.8 * self.job_seconds + 0.2 * busy_ms / 1000
+        elif isinstance(final, proto.Error):
+            counts["errors"] = 1
+        self.limiter.settle(ticket.key_name, ticket.limits, ticket.lease, tokens)
+        self.usage.add(ticket.key_name, **counts)
+
+    def queue_notice(self, job: proto.Job) -> QueueNotice:
+        """Where a waiting job stands: its place in its model's fair backlog (or behind it, if it
+        has not been read yet) and an estimate from the average job time and the slots."""
+        pool = self.pool.pool(job.model)
+        if pool is None:
+            return QueueNotice(None, None)
+        position = pool.backlog.position(job.job_id)
+        if position is None and not self.queue.shared:
+            position = len(pool.backlog) + 1
+        slots = sum(w.slots for w in pool.workers.values())
+        eta = None
+        if position is not None and slots and self.job_seconds:
+            eta = int(((position - 1) // slots + 1) * self.job_seconds * 1000)
+        return QueueNotice(position, eta)
+
     # --- health ---------------------------------------------------------------------------------
 
     def worker_info(self, worker: WorkerConnection) -> dict[str, Any]:
@@ -1223,8 +1446,9 @@ class Router:
                 "input_tokens": pool.stats.input_tokens,
                 "output_tokens": pool.stats.output_tokens,
             }
-        if depth >= 0:
+        if depth >= 0:  # waiting in the streams, and read ahead into the fair backlogs
             depth = sum(m["queue_depth"] for m in models.values() if m["queue_depth"] > 0)
+            depth += sum(m["backlog"] for m in models.values())
         body.update(
             workers=len(workers),
             total_slots=total,
@@ -1330,6 +1554,12 @@ async def errors_middleware(
     except RedisError as exc:
         log.error("queue unavailable", extra={"error": str(exc), "path": request.path})
         return error_response(request, 503, "the job queue is unavailable; try again shortly", retry_after=2)
+    except RateLimitedError as exc:  # Retry-After and the rate-limit headers: add_account_headers
+        if is_anthropic(request):
+            return error_response(request, 429, exc.message)
+        kind = "tokens" if exc.reason in ("tokens", "daily_tokens") else "requests"
+        body = error_body(exc.message, kind, code="rate_limit_exceeded")
+        return web.json_response(body, status=429, dumps=_dumps)
     except ModelNotFoundError as exc:
         if is_anthropic(request):
             body = anthropic.error_body("not_found_error", str(exc))
@@ -1356,6 +1586,12 @@ async def auth_middleware(
         return await handler(request)
     router = request.app[ROUTER]
     key = presented_key(request)
+    if request.path.startswith(ADMIN_PATH_PREFIX):  # usage admins' keys (keys add NAME --admin)
+        admin = await router.usage_admins.authenticate(key, request_client(request)) if key else None
+        if admin is None or admin.outcome is not Outcome.VALID:
+            return error_response(request, 401, "an admin key (keys add NAME --admin) is required")
+        request["auxot_key_name"] = admin.name
+        return await handler(request)
     if not key:
         missing = (
             "missing API key: set the x-api-key header or use Bearer"
@@ -1369,7 +1605,23 @@ async def auth_middleware(
         return error_response(request, 429, message, retry_after=math.ceil(result.retry_after))
     if result.outcome is Outcome.INVALID:
         return error_response(request, 401, "invalid API key")
+    request["auxot_key_name"] = result.name  # the access log, limits and usage name the key by this
     return await handler(request)
+
+
+ADMIN_PATH_PREFIX = "/admin/"
+
+
+async def add_account_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Rate-limit headers on every response of an admitted (or refused) job request, and the
+    time it waited for a slot."""
+    ticket: Ticket | None = request.get("auxot_ticket")
+    if ticket is None:
+        return
+    anthropic_api = is_anthropic(request)  # type: ignore[arg-type]
+    response.headers.update(ratelimit_headers(ticket.decision, ticket.limits, anthropic=anthropic_api))
+    if ticket.handle is not None:
+        response.headers["x-auxot-queue-ms"] = str(ticket.handle.queue_ms())
 
 
 def request_client(request: web.Request) -> str:
@@ -1475,9 +1727,7 @@ async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> 
     created = int(time.time())
     job = job_from(chat, kind, completion_id, spec.name)
     job.session = session_hint(request.headers, chat.params)
-    handle = await router.tracker.submit(job)
-    log.info("job accepted", extra={"job_id": completion_id, "kind": kind, "stream": chat.stream})
-    try:
+    async with submitted(request, job) as handle:
         if not chat.stream:
             final = await wait_final(router, handle)
             if isinstance(final, proto.Error):
@@ -1488,8 +1738,25 @@ async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> 
         encoder_cls = OpenAIChatStream if kind == "chat" else OpenAICompletionStream
         encoder = encoder_cls(completion_id, model, created, chat.include_usage)
         return await stream_job(request, router, handle, encoder)
+
+
+@contextlib.asynccontextmanager
+async def submitted(request: web.Request, job: proto.Job) -> AsyncIterator[JobHandle]:
+    """Admit the caller's key (its limits: a 429 when over), queue the job, and always end both:
+    the job is abandoned if it still runs when the handler leaves (caller gone, error), and the
+    key's limits and usage are settled with what the job really used."""
+    router = request.app[ROUTER]
+    ticket = await router.admit(request)
+    try:
+        handle = await router.tracker.submit(job, ticket)
+        fields = {"job_id": job.job_id, "kind": job.kind, "model": job.model, "stream": job.stream}
+        log.info("job accepted", extra=fields)
+        try:
+            yield handle
+        finally:
+            router.tracker.abandon(handle)
     finally:
-        router.tracker.abandon(handle)
+        router.settle(ticket)
 
 
 async def wait_final(router: Router, handle: JobHandle) -> proto.Complete | proto.Error:
@@ -1558,6 +1825,9 @@ async def stream_job(
         if not batch:
             await write_within(request, response, keepalive, write_timeout)
             continue
+        if isinstance(batch[0], QueueNotice):  # alone in its batch: the job waits for a slot
+            await write_within(request, response, batch[0].comment(), write_timeout)
+            continue
         await write_within(request, response, encode_batch(handle, encoder, batch), write_timeout)
     if response is None:  # pragma: no cover - events() always yields a final message
         raise web.HTTPInternalServerError()
@@ -1579,7 +1849,7 @@ async def write_within(request: web.Request, response: web.StreamResponse, data:
         raise ConnectionResetError("the caller stopped reading") from None
 
 
-def encode_batch(handle: JobHandle, encoder: StreamEncoder, batch: list[proto.Message]) -> bytes:
+def encode_batch(handle: JobHandle, encoder: StreamEncoder, batch: list[proto.Message | QueueNotice]) -> bytes:
     out = bytearray()
     for message in batch:
         if isinstance(message, proto.Token):
@@ -1652,12 +1922,8 @@ async def embeddings(request: web.Request) -> web.Response:
         requested = embedders[0]
     spec = request_model(router, requested.name, kind="embeddings")
     job = proto.Job(job_id=new_id("emb-"), model=spec.name, kind="embeddings", params={"input": parsed.inputs})
-    handle = await router.tracker.submit(job)
-    log.info("job accepted", extra={"job_id": job.job_id, "kind": "embeddings", "inputs": len(parsed.inputs)})
-    try:
+    async with submitted(request, job) as handle:
         final = await wait_final(router, handle)
-    finally:
-        router.tracker.abandon(handle)
     if isinstance(final, proto.Error):
         return job_error_response(request, final)
     if len(final.embeddings) != len(parsed.inputs):
@@ -1704,9 +1970,7 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     stop_sequences = body.get("stop_sequences") if isinstance(body.get("stop_sequences"), list) else None
     job = job_from(chat, "chat", new_id("chatcmpl-"), spec.name)
     job.session = session_hint(request.headers, chat.params)
-    handle = await router.tracker.submit(job)
-    log.info("job accepted", extra={"job_id": handle.job.job_id, "kind": "messages", "stream": chat.stream})
-    try:
+    async with submitted(request, job) as handle:
         if not chat.stream:
             final = await wait_final(router, handle)
             if isinstance(final, proto.Error):
@@ -1717,8 +1981,6 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
             )
         encoder = anthropic.AnthropicStream(message_id, model, stop_sequences=stop_sequences)
         return await stream_job(request, router, handle, encoder, keepalive=anthropic.AnthropicStream.ping())
-    finally:
-        router.tracker.abandon(handle)
 
 
 TOKEN_COUNT_HEADER = "x-auxot-token-count"
@@ -1750,6 +2012,26 @@ async def health(request: web.Request) -> web.Response:
 
 
 PRE_AUTH_MAX_MESSAGE_BYTES = 1024 * 1024  # a hello is a few KiB; nobody unverified sends 64 MiB
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """``GET /admin/usage?key=NAME&since=YYYY-MM-DD``: usage rows per key and UTC day."""
+    router = request.app[ROUTER]
+    since = request.query.get("since") or None
+    if since is not None and not _is_date(since):
+        return error_response(request, 400, "since must be a date: YYYY-MM-DD")
+    data = await router.usage.query(key=request.query.get("key") or None, since=since)
+    return json_response({"object": "list", "data": data})
+
+
+def _is_date(text: str) -> bool:
+    import datetime as dt
+
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 async def worker_socket(request: web.Request) -> web.WebSocketResponse:
@@ -1821,6 +2103,8 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         requested_model=hello.model,
         movable=not hello.model and bool(hello.capabilities.policy_model),
         fits=router.fitting_models(hello.capabilities),
+        key_name=result.name or "",
+        key_phc=next((h.phc for h in router.gpu_hashes if h.name == result.name), ""),
     )
     await serve_worker(router, worker)
     return ws
@@ -1864,6 +2148,7 @@ async def serve_worker(router: Router, worker: WorkerConnection) -> None:
         await worker.ws.close(code=1012, message=b"model no longer served; reconnect")
         return
     router.pool.add(worker, worker.model)
+    await router._dispatch_worker_pool(worker)
     log.info(
         "worker connected",
         extra={
@@ -1964,13 +2249,36 @@ async def balancer(router: Router) -> None:
             log.exception("balancing failed")
 
 
+async def keys_and_usage(router: Router) -> None:
+    """Poll the key store for changes; send usage and limit settlements out every second."""
+    last_poll = time.monotonic()
+    while True:
+        await asyncio.sleep(min(router.config.keys_refresh, 1.0))
+        if time.monotonic() - last_poll >= router.config.keys_refresh:
+            last_poll = time.monotonic()
+            try:
+                await router.refresh_keys()
+            except (RedisError, OSError, keystore.KeyStoreError) as exc:
+                log.error("could not read the key store; keeping the keys known", extra={"error": str(exc)})
+        try:
+            await router.usage.flush()
+            await router.limiter.flush()
+        except (RedisError, OSError) as exc:
+            log.warning("could not record usage", extra={"error": str(exc)})
+
+
 async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     router = app[ROUTER]
     for spec in router.catalog.specs:
         await router.queue.ensure_group(spec.name)
     await router.queue.beat_instance(router.config.dead_worker_timeout)
+    try:
+        await router.refresh_keys()
+    except (OSError, keystore.KeyStoreError) as exc:  # the env keys still work; polling retries
+        log.error("could not read the key store", extra={"error": str(exc)})
     router.start_dispatchers()
     tasks = [
+        asyncio.create_task(keys_and_usage(router), name="keys-and-usage"),
         asyncio.create_task(relay_reader(router), name="relay-reader"),
         asyncio.create_task(liveness(router), name="liveness"),
         asyncio.create_task(balancer(router), name="balancer"),
@@ -1983,10 +2291,14 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
     await router.stop_dispatchers()
     await router.relay.close()
+    with contextlib.suppress(RedisError, OSError):
+        await router.usage.flush()
+        await router.limiter.flush()
     with contextlib.suppress(RedisError):
         await router.queue.drop_instance()
     router.api_keys.close()
     router.admin_keys.close()
+    router.usage_admins.close()
 
 
 async def drain(router: Router) -> None:
@@ -2047,6 +2359,7 @@ ANTHROPIC_ROUTES: list[tuple[str, str, Handler]] = [
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/ws", worker_socket)
+    app.router.add_get("/admin/usage", admin_usage)
     added: set[tuple[str, str]] = set()
     for api, table in (("openai", OPENAI_ROUTES), ("anthropic", ANTHROPIC_ROUTES)):
         for method, rest, handler in table:
@@ -2074,6 +2387,7 @@ def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Applicat
     add_routes(app)
     app.cleanup_ctx.append(background_tasks)
     app.on_shutdown.append(close_worker_sockets)
+    app.on_response_prepare.append(add_account_headers)
     return app
 
 
@@ -2106,6 +2420,10 @@ commands:
                       generate an API key (rtr_) and a GPU key (adm_) with their Argon2id hashes
   models [--json] [--family F] [--max-vram GB] [--capability C] [--search TEXT]
                       list the models of the registry
+  keys add NAME [--rpm N] [--tpm N] [--concurrency N] [--daily-tokens N] [--priority P] [--gpu|--admin]
+                      create a named key (printed once); keys list | keys set NAME ... | keys revoke NAME
+  usage [--key NAME] [--since YYYY-MM-DD] [--json]
+                      usage per key and UTC day
   version             print the version
 """
 
@@ -2206,6 +2524,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "setup":
         return setup_command(args[1:])
+    if command in ("keys", "usage"):
+        from auxot_common.accounts_cli import keys_command, usage_command
+
+        run = keys_command if command == "keys" else usage_command
+        return run(args[1:], load_environment())
     if command == "models":
         from auxot_common.registry import models_command
 

@@ -59,6 +59,7 @@ def verify_hash(phc: str, key: str) -> bool:
 class NamedHash:
     name: str
     phc: str
+    tag: str = ""  # lookup tag of a stored named key (auxot_common.keys.lookup_tag); "" for env hashes
 
 
 def parse_hashes(value: str) -> list[NamedHash]:
@@ -176,6 +177,7 @@ class KeyVerifier:
         self._executor = executor or ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="argon2")
         self._slots = asyncio.Semaphore(max_concurrent)
         self.argon2_runs = 0  # verifications computed (for tests and diagnostics)
+        self._generation = 0  # bumped by replace_hashes: an answer computed across it is not cached
 
     async def verify(self, key: str) -> str | None:
         """The name of the matching hash, or None if the key is invalid (no client limit)."""
@@ -215,7 +217,10 @@ class KeyVerifier:
 
     async def _verify_once(self, key: str, digest: bytes) -> str | None:
         try:
+            generation = self._generation
             name = await self._compute(key)
+            if generation != self._generation:  # the hashes changed meanwhile: answer, but do not remember
+                return name if name is None or any(h.name == name for h in self._hashes) else None
             self._remember(digest, name)
             return name
         finally:
@@ -236,9 +241,29 @@ class KeyVerifier:
         """Drop every cached result (after the configured hashes changed)."""
         self._cache.clear()
 
+    def replace_hashes(self, hashes: Iterable[NamedHash]) -> None:
+        """Use a new set of hashes (a key added, changed or revoked while running).
+
+        Cached answers stay valid for names whose hash did not change; a removed or re-issued
+        name's cached successes go, and so do all cached failures (the key may be new).
+        """
+        fresh = list(hashes)
+        old = {h.name: h.phc for h in self._hashes}
+        new = {h.name: h.phc for h in fresh}
+        stale = {name for name, phc in old.items() if new.get(name) != phc}
+        self._hashes = fresh
+        self._generation += 1
+        for digest, entry in list(self._cache.items()):
+            if entry.name is None or entry.name in stale:
+                del self._cache[digest]
+
     def _match(self, key: str) -> str | None:
         found: str | None = None
-        for entry in self._hashes:  # check all, so timing does not tell which entry matched
+        candidates = self._hashes
+        if any(entry.tag for entry in candidates):  # one Argon2 per stored key, not one per key stored
+            tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+            candidates = [entry for entry in candidates if not entry.tag or entry.tag == tag]
+        for entry in candidates:  # check all, so timing does not tell which entry matched
             if verify_hash(entry.phc, key) and found is None:
                 found = entry.name
         return found

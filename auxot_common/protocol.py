@@ -260,6 +260,8 @@ class Job:
     timeout_s: float = 0.0  # seconds left when sent to a worker; 0: none
     model: str = ""  # the canonical name of the model (its pool and queue stream); "" for none
     session: str = ""  # hash of the client's session id: a routing hint (auxot_common.routing)
+    key_name: str = ""  # the caller's API key name: the fair backlog's lane (never the key itself)
+    priority: int = 1  # that key's weight in the fair backlog
     type: ClassVar[str] = "job"
     _always: ClassVar[frozenset[str]] = frozenset({"job_id", "messages"})
 

@@ -112,6 +112,8 @@ FULL_MESSAGES: list[Any] = [
         timeout_s=299.5,
         model="Qwen3-Coder-30B-A3B",
         session="0123456789abcdef",
+        key_name="alice",
+        priority=3,
     ),
     Cancel(job_id="chatcmpl-1"),
     PolicyUpdate(policy=FULL_POLICY),

@@ -104,6 +104,7 @@ class RouterProcess(Process):
             "AUXOT_CTX_SIZE": "1024",
             "AUXOT_LOG_LEVEL": "debug",
             "AUXOT_TEST_CWD": str(log_dir),
+            "AUXOT_DATA_DIR": str(log_dir / "data"),  # keys and usage files: never the user's ~/.auxot
         }
         env = base_env(**{**defaults, **settings})
         super().__init__([sys.executable, str(REPO / "auxot_router.py")], env, log_dir / f"{name}.log")
