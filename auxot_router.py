@@ -893,7 +893,7 @@ class Router:
         of the jobs left held for their warm worker, 0 if none is held."""
         held: list[tuple[str, proto.Job]] = []
         wake = 0.0
-        while pool.backlog:
+        while pool.backlog and pool.total_free() > 0:
             entry_id, job = pool.backlog.popleft()
             pool.capacity_changed.set()  # room to read more ahead
             local_gone = job.reply_to == self.instance_id and job.job_id not in self.tracker.handles

@@ -10,8 +10,8 @@ It has the interface of the ``deque`` it replaces (``append``, ``appendleft``, `
   that was idle cannot bank credit, and a key with 500 waiting jobs gets one slot in every
   ``1 + (other keys)`` while others wait: a single job of another key starts within one job of
   the next free slot. Priority 3 gets three slots for each one of a priority-1 key.
-- ``appendleft`` (a dispatch that failed and is put back) makes the item the very next one and
-  refunds its key's pass.
+- ``appendleft`` (a dispatch that could not happen, put back) makes the item its key's next
+  again and refunds its key's pass.
 
 ``position(item_id)`` estimates how many jobs start before one (1 = next), for the queue
 position a waiting caller is shown.
@@ -77,11 +77,18 @@ class FairBacklog(Generic[T]):
         self._len += 1
 
     def appendleft(self, item: T) -> None:
-        key, _ = self._key_of(item)
+        """Put back an item just taken (a dispatch that could not happen now): it is its key's
+        next again and its key's pass is refunded, so the order across keys is what it was. (A
+        global "front" would let items put back one by one pile up ahead of every other key.)"""
+        key, priority = self._key_of(item)
         lane = self._lanes.get(key)
-        if lane is not None:
+        if lane is None:  # it was served at the virtual time
+            lane = self._lanes[key] = _Lane(passes=self._vtime, stride=1.0 / max(priority, 1))
+            self._counter += 1
+            lane.since = self._counter
+        else:
             lane.passes -= lane.stride
-        self._front.appendleft(item)
+        lane.items.appendleft(item)
         self._len += 1
 
     def popleft(self) -> T:

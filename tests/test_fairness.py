@@ -98,3 +98,14 @@ def test_positions_follow_the_dispatch_order() -> None:
     for index, item_id in enumerate(drain(probe), start=1):
         expected[item_id] = index
     assert {i: b.position(i) for i in expected} == expected
+
+
+def test_items_put_back_one_by_one_do_not_jump_ahead_of_other_keys() -> None:
+    """A dispatcher that takes each new job and puts it back (no slot free) must not build a
+    private queue ahead of every other key: B's one job is still next after A's first."""
+    backlog: FairBacklog[tuple[str, str]] = FairBacklog(key_of=lambda e: (e[0], 1), id_of=lambda e: e[1])
+    for i in range(10):
+        backlog.append(("A", f"a{i}"))
+        backlog.appendleft(backlog.popleft())
+    backlog.append(("B", "b0"))
+    assert [backlog.popleft()[1] for _ in range(3)] == ["a0", "b0", "a1"]
