@@ -79,7 +79,7 @@ def tool_names(body: dict[str, Any]) -> set[tuple[str | None, str]]:
 def test_codex_captures_replay_against_llama_server(cluster: Cluster) -> None:
     """Every request Codex 0.169.0 sent in the captures, on the path it used, streamed by the real
     llama-server and parsed by the SDK; the WebSocket attempt is refused at once with a 426."""
-    router = cluster.router(AUXOT_CTX_SIZE="40960", AUXOT_MAX_PARALLEL="1")
+    router = cluster.router(AUXOT_CTX_SIZE="65536", AUXOT_MAX_PARALLEL="1")  # up to ~42,000 tokens
     cluster.worker(router, AUXOT_LLAMA_ARGS=LONG_CONTEXT)
     replayed = 0
     for path in CODEX_CAPTURES:
@@ -220,6 +220,7 @@ request_max_retries = 0
     }
     return subprocess.run(
         [str(codex), "exec", "--skip-git-repo-check", "-s", "read-only", prompt],
+        check=False,
         cwd=work,
         env=env,
         capture_output=True,

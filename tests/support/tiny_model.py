@@ -403,12 +403,8 @@ def _wire_tool_once(tensors: dict[str, Matrix], vocab: Vocab) -> None:
             tensor[D_OUT_STOP, :] = 0.0
     tensors["token_embd.weight"][vocab.id("<tool_response>"), D_TOOL_RESPONSE] = 1.0
     layer = "blk.0."
-    _wire_detector(
-        *(tensors[f"{layer}attn_{n}.weight"] for n in ("q", "k", "v", "output")),
-        head=0,
-        key=D_TOOL_RESPONSE,
-        out=D_RESPONDED,
-    )
+    wq, wk, wv, wo = (tensors[f"{layer}attn_{n}.weight"] for n in ("q", "k", "v", "output"))
+    _wire_detector(wq, wk, wv, wo, head=0, key=D_TOOL_RESPONSE, out=D_RESPONDED)
     gate, up, down = (tensors[f"{layer}ffn_{n}.weight"] for n in ("gate", "up", "down"))
     sharpness = 8.0
     for neuron, (out_dim, _) in enumerate(_AND_NEURONS):
