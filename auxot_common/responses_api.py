@@ -614,8 +614,7 @@ def error_code(message: str, status: int) -> str:
         return "context_length_exceeded"
     if status == 429:
         return "rate_limit_exceeded"
-    if status in (503, 529):
-        return "server_is_overloaded"
+    # never "server_is_overloaded": Codex treats it as final, a plain server error it retries
     return "server_error" if status >= 500 or status == 0 else "invalid_request"
 
 
