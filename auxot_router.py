@@ -1740,7 +1740,7 @@ async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> 
     created = int(time.time())
     job = job_from(chat, kind, completion_id, spec.name)
     job.session = session_hint(request.headers, chat.params)
-    async with submitted(request, job) as handle:
+    async with submitted(request, job, kind) as handle:
         if not chat.stream:
             final = await wait_final(router, handle)
             if isinstance(final, proto.Error):
@@ -1754,7 +1754,7 @@ async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> 
 
 
 @contextlib.asynccontextmanager
-async def submitted(request: web.Request, job: proto.Job) -> AsyncIterator[JobHandle]:
+async def submitted(request: web.Request, job: proto.Job, api: str) -> AsyncIterator[JobHandle]:
     """Admit the caller's key (its limits: a 429 when over), queue the job, and always end both:
     the job is abandoned if it still runs when the handler leaves (caller gone, error), and the
     key's limits and usage are settled with what the job really used."""
@@ -1762,7 +1762,7 @@ async def submitted(request: web.Request, job: proto.Job) -> AsyncIterator[JobHa
     ticket = await router.admit(request)
     try:
         handle = await router.tracker.submit(job, ticket)
-        fields = {"job_id": job.job_id, "kind": job.kind, "model": job.model, "stream": job.stream}
+        fields = {"job_id": job.job_id, "kind": api, "model": job.model, "stream": job.stream}
         log.info("job accepted", extra=fields)
         try:
             yield handle
@@ -1941,7 +1941,7 @@ async def embeddings(request: web.Request) -> web.Response:
         requested = embedders[0]
     spec = request_model(router, requested.name, kind="embeddings")
     job = proto.Job(job_id=new_id("emb-"), model=spec.name, kind="embeddings", params={"input": parsed.inputs})
-    async with submitted(request, job) as handle:
+    async with submitted(request, job, "embeddings") as handle:
         final = await wait_final(router, handle)
     if isinstance(final, proto.Error):
         return job_error_response(request, final)
@@ -2016,7 +2016,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     job = job_from(parsed.chat, "chat", new_id("chatcmpl-"), spec.name)
     job.session = session_hint(request.headers, body if isinstance(body, dict) else {})  # prompt_cache_key
     headers = {"x-auxot-dropped-tools": ",".join(sorted(set(parsed.dropped_tools)))} if parsed.dropped_tools else {}
-    async with submitted(request, job) as handle:
+    async with submitted(request, job, "responses") as handle:
         if not parsed.chat.stream:
             final = await wait_final(router, handle)
             if isinstance(final, proto.Error):
@@ -2084,7 +2084,7 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     stop_sequences = body.get("stop_sequences") if isinstance(body.get("stop_sequences"), list) else None
     job = job_from(chat, "chat", new_id("chatcmpl-"), spec.name)
     job.session = session_hint(request.headers, chat.params)
-    async with submitted(request, job) as handle:
+    async with submitted(request, job, "messages") as handle:
         if not chat.stream:
             final = await wait_final(router, handle)
             if isinstance(final, proto.Error):
