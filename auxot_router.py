@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import secrets
@@ -47,6 +48,8 @@ from auxot_common.auth import (
     parse_hashes,
 )
 from auxot_common.logs import redact_url, setup_logging
+from auxot_common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from auxot_common.metrics import ClusterView, JobStats, RouterMetrics, access_record, key_fingerprint
 from auxot_common.openai_api import (
     KEEPALIVE,
     ChatRequest,
@@ -68,6 +71,7 @@ from auxot_common.settings import ConfigError, EnvReader, load_environment
 VERSION = "0.1.0"
 DEFAULT_MODEL = "Qwen3-Coder-30B-A3B"
 log = logging.getLogger("auxot.router")
+access_log = logging.getLogger("auxot.access")
 
 
 # === Configuration ================================================================================
@@ -103,6 +107,8 @@ class RouterConfig:
     shutdown_grace: float = 30.0
     hello_timeout: float = 5.0
     sweep_interval: float = 15.0
+    access_log: bool = True
+    metrics_token: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> RouterConfig:
@@ -144,6 +150,9 @@ class RouterConfig:
             shutdown_grace=read.duration("AUXOT_SHUTDOWN_GRACE", 30.0),
             hello_timeout=read.duration("AUXOT_HELLO_TIMEOUT", 5.0, minimum=0.1),
             sweep_interval=read.duration("AUXOT_SWEEP_INTERVAL", 15.0, minimum=0.05),
+            access_log=read.choice("AUXOT_ACCESS_LOG", "on", ("on", "off", "true", "false", "1", "0"))
+            in ("on", "true", "1"),
+            metrics_token=read.text("AUXOT_METRICS_TOKEN", ""),
         )
 
     def resolve(self, *, vram_total_gb: float = 0.0, vram_free_gb: float = 0.0) -> ModelResolution:
@@ -301,6 +310,7 @@ class JobHandle:
     content_sent: bool = False
     dispatched_to: tuple[str, str] | None = None  # (instance id, worker id)
     finished: bool = False
+    stats: JobStats = field(default_factory=lambda: JobStats(model=""))
 
 
 class JobTracker:
@@ -324,7 +334,7 @@ class JobTracker:
         now = time.time()
         job.reply_to = router.instance_id
         job.deadline = now + router.config.job_timeout
-        handle = JobHandle(job=job, deadline=job.deadline)
+        handle = JobHandle(job=job, deadline=job.deadline, stats=JobStats(model=router.model_name, kind=job.kind))
         self.handles[job.job_id] = handle
         try:
             await router.queue.enqueue(job, proto.encode(job))
@@ -345,7 +355,8 @@ class JobTracker:
         """Batches of events for the caller; an empty batch means "nothing for a while"."""
         while not handle.finished:
             if time.time() >= handle.deadline:
-                yield [self._fail(handle, f"the job timed out after {self._router.config.job_timeout:g}s", 504)]
+                timeout = self._router.config.job_timeout
+                yield [self._fail(handle, f"the job timed out after {timeout:g}s", 504, outcome="timeout")]
                 return
             batch = await handle.events.take()
             if not batch:  # woken by the ticker
@@ -358,8 +369,11 @@ class JobTracker:
                 kind = type(message)
                 if kind is proto.Token or kind is proto.ToolCallDelta:  # the common case, first
                     out.append(message)
+                    if handle.stats.first_token_at is None:
+                        handle.stats.first_token_at = time.monotonic()
                 elif isinstance(message, proto.Dispatched):
                     handle.dispatched_to = (message.instance_id, message.worker_id)
+                    handle.stats.dispatched_at, handle.stats.worker_id = time.monotonic(), message.worker_id
                 elif isinstance(message, proto.WorkerLost):
                     failure = await self._worker_lost(handle, message)
                     if failure is not None:
@@ -367,8 +381,14 @@ class JobTracker:
                         break
                 else:
                     out.append(message)
-                    if isinstance(message, proto.Complete | proto.Error):
-                        self._finish(handle)
+                    if isinstance(message, proto.Complete):
+                        handle.stats.prompt_tokens = message.input_tokens
+                        handle.stats.cached_tokens = message.cache_tokens
+                        handle.stats.completion_tokens = message.output_tokens
+                        self._finish(handle, "complete")
+                        break
+                    if isinstance(message, proto.Error):
+                        self._finish(handle, "error")
                         break
             if out:  # a batch of only internal events is not a keep-alive tick
                 handle.last_yield = time.monotonic()
@@ -391,6 +411,7 @@ class JobTracker:
             return self._fail(handle, f"the worker serving this request went away ({lost.reason}) {reason}", 502)
         job.attempt += 1
         handle.dispatched_to = None
+        self._router.metrics.retries.labels(handle.stats.model).inc()
         log.warning("re-queueing job after worker loss", extra={"job_id": job.job_id, "attempt": job.attempt})
         try:
             await self._router.queue.enqueue(job, proto.encode(job))
@@ -398,20 +419,25 @@ class JobTracker:
             return self._fail(handle, "the job could not be re-queued: the queue is unavailable", 503)
         return None
 
-    def _fail(self, handle: JobHandle, message: str, status: int) -> proto.Error:
-        self.abandon(handle)
+    def _fail(self, handle: JobHandle, message: str, status: int, outcome: str = "error") -> proto.Error:
+        self._stop(handle, outcome)
         return proto.Error(job_id=handle.job.job_id, error=message, status=status)
 
-    def _finish(self, handle: JobHandle) -> None:
+    def _finish(self, handle: JobHandle, outcome: str) -> None:
         handle.finished = True
         self.handles.pop(handle.job.job_id, None)
+        handle.stats.outcome, handle.stats.finished_at = outcome, time.monotonic()
+        self._router.metrics.observe_job(handle.stats)
 
-    def abandon(self, handle: JobHandle) -> None:
-        """The caller no longer waits (gone, timed out): stop the job wherever it is."""
+    def _stop(self, handle: JobHandle, outcome: str) -> None:
         if handle.finished:
             return
-        self._finish(handle)
+        self._finish(handle, outcome)
         self.spawn(self._router.cancel_job(handle.job.job_id, handle.dispatched_to))
+
+    def abandon(self, handle: JobHandle) -> None:
+        """The caller no longer waits (gone): stop the job wherever it is."""
+        self._stop(handle, "cancelled")
 
     def spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -446,6 +472,7 @@ class Router:
         self.unacked: list[str] = []  # finished entries whose XACK failed (Redis away)
         self.in_flight = 0
         self.started = int(time.time())
+        self.metrics = RouterMetrics(version=VERSION, instance=self.instance_id)
 
     # --- dispatch -------------------------------------------------------------------------------
 
@@ -678,7 +705,9 @@ class Router:
             return None
         worker = workers[0]
         job.reply_to = self.instance_id
-        handle = JobHandle(job=job, deadline=time.time() + timeout)
+        handle = JobHandle(
+            job=job, deadline=time.time() + timeout, stats=JobStats(model=self.model_name, kind="tokenize")
+        )
         self.tracker.handles[job.job_id] = handle
         worker.side_jobs.add(job.job_id)
         try:
@@ -692,6 +721,48 @@ class Router:
         if isinstance(final, proto.Complete):
             return final.input_tokens
         return None
+
+    # --- metrics --------------------------------------------------------------------------------
+
+    async def metrics_exposition(self) -> bytes:
+        """``/metrics``: this process's counters and workers, plus the cluster gauges if this
+        instance holds the metrics lease (always, with the embedded Redis)."""
+        workers = list(self.pool.workers.values())
+        self.metrics.set_local(
+            workers=len(workers),
+            total_slots=sum(w.slots for w in workers),
+            free_slots=self.pool.total_free(),
+            running=sum(len(w.running) for w in workers),
+            in_flight=self.in_flight,
+        )
+        view: ClusterView | None = None
+        try:
+            if await self._holds_metrics_lease():
+                depth = await self.queue.depth()
+                local = [w.info(self.instance_id) for w in workers]
+                others = [w for w in await self.queue.cluster_workers() if w.get("instance") != self.instance_id]
+                cluster = local + others
+                total = sum(int(w.get("total_slots", 0)) for w in cluster)
+                active = sum(int(w.get("active_jobs", 0)) for w in cluster)
+                view = ClusterView(depth, len(cluster), total, max(total - active, 0))
+        except RedisError as exc:
+            log.warning("cluster metrics unavailable", extra={"error": str(exc)})
+        self.metrics.set_cluster(view)
+        return self.metrics.exposition()
+
+    async def _holds_metrics_lease(self) -> bool:
+        """One instance of a cluster reports the cluster gauges: the holder of a Redis key that
+        it renews on each scrape and that expires with the liveness timeout when it goes away."""
+        if not self.queue.shared:
+            return True
+        key, ttl = f"{self.config.redis_prefix}metrics:reporter", max(int(self.config.dead_worker_timeout), 1)
+        if await self.redis.set(key, self.instance_id, nx=True, ex=ttl):
+            return True
+        holder = await self.redis.get(key)
+        if holder not in (self.instance_id, self.instance_id.encode()):
+            return False
+        await self.redis.expire(key, ttl)
+        return True
 
     # --- health ---------------------------------------------------------------------------------
 
@@ -786,6 +857,67 @@ async def read_json(request: web.Request) -> Any:
         raise RequestError(400, f"invalid JSON: {exc}") from None
 
 
+def client_address(request: web.Request) -> str:
+    """The caller's address (for rate limits and the access log)."""
+    return request.remote or "unknown"
+
+
+def api_of(request: web.Request) -> str:
+    """Which API a request is for: ``openai``, ``anthropic``, ``worker`` (the hub) or ``router``."""
+    path = request.path
+    if is_anthropic(request):
+        return "anthropic"
+    if path.startswith(("/api/openai", "/v1/")):
+        return "openai"
+    return "worker" if path == "/ws" else "router"
+
+
+KEY_NAME = "auxot_key_name"  # request key: the matching key's name, or a fingerprint of a bad key
+JOB_STATS = "auxot_job"  # request key: the JobStats of the request's job
+
+
+@web.middleware
+async def access_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Counts every request by API, route and status, and writes one access log line."""
+    started, wall = time.monotonic(), time.time()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = 499  # the caller went away before the response was complete
+        raise
+    finally:
+        router = request.app[ROUTER]
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        api = api_of(request)
+        router.metrics.requests.labels(api, route, str(status)).inc()
+        if router.config.access_log:
+            job: JobStats | None = request.get(JOB_STATS)
+            access_log.info(
+                "access",
+                extra=access_record(
+                    started_wall=wall,
+                    total_seconds=time.monotonic() - started,
+                    method=request.method,
+                    path=request.path,
+                    status=status,
+                    api=api,
+                    model=job.model if job is not None else None,
+                    key=request.get(KEY_NAME),
+                    client=client_address(request),
+                    job=job,
+                ),
+            )
+
+
 def presented_key(request: web.Request) -> str:
     """The API key: ``Authorization: Bearer`` (both APIs) or ``x-api-key`` (Anthropic)."""
     if is_anthropic(request):
@@ -825,7 +957,7 @@ async def errors_middleware(
         )
 
 
-OPEN_PATHS = frozenset({"/health", "/ws"})
+OPEN_PATHS = frozenset({"/health", "/ws", "/ping", "/metrics"})  # /metrics checks its own token
 
 
 @web.middleware
@@ -836,7 +968,7 @@ async def auth_middleware(
     if request.path in OPEN_PATHS:
         return await handler(request)
     router = request.app[ROUTER]
-    client = request.remote or "unknown"
+    client = client_address(request)
     if not router.auth_failures.allowed(client):
         return error_response(request, 429, "too many failed authentication attempts; slow down", retry_after=60)
     key = presented_key(request)
@@ -847,10 +979,17 @@ async def auth_middleware(
             else "missing Bearer token"
         )
         return error_response(request, 401, missing)
-    if await router.api_keys.verify(key) is None:
+    name = await router.api_keys.verify(key)
+    if name is None:
         router.auth_failures.record_failure(client)
+        router.metrics.auth_failures.labels("api").inc()
+        request[KEY_NAME] = key_fingerprint(key)
         return error_response(request, 401, "invalid API key")
+    request[KEY_NAME] = name
     return await handler(request)
+
+
+UNMETERED_PATHS = frozenset({"/health", "/ping", "/metrics"})  # platform checks and scrapes, even while draining
 
 
 @web.middleware
@@ -859,7 +998,7 @@ async def admission_middleware(
 ) -> web.StreamResponse:
     """Refuse new work while draining, and beyond AUXOT_MAX_REQUESTS requests in flight."""
     router = request.app[ROUTER]
-    if request.path == "/health":
+    if request.path in UNMETERED_PATHS:
         return await handler(request)
     if router.draining:
         return error_response(request, 503, "the router is shutting down; retry on another instance", retry_after=1)
@@ -925,6 +1064,7 @@ async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> 
     model = chat.model or router.model_name
     created = int(time.time())
     handle = await router.tracker.submit(job_from(chat, kind, completion_id))
+    request[JOB_STATS] = handle.stats
     log.info("job accepted", extra={"job_id": completion_id, "kind": kind, "stream": chat.stream})
     try:
         if not chat.stream:
@@ -1060,6 +1200,7 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     model = chat.model or router.model_name
     stop_sequences = body.get("stop_sequences") if isinstance(body.get("stop_sequences"), list) else None
     handle = await router.tracker.submit(job_from(chat, "chat", new_id("chatcmpl-")))
+    request[JOB_STATS] = handle.stats
     log.info("job accepted", extra={"job_id": handle.job.job_id, "kind": "messages", "stream": chat.stream})
     try:
         if not chat.stream:
@@ -1102,6 +1243,29 @@ async def health(request: web.Request) -> web.Response:
     return json_response(body, status=status)
 
 
+async def ping(request: web.Request) -> web.Response:
+    """Liveness for platform checks: no auth, no Redis, no JSON."""
+    return web.Response(text="pong")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; with AUXOT_METRICS_TOKEN set, only for ``Bearer <token>``."""
+    router = request.app[ROUTER]
+    token = router.config.metrics_token
+    if token:
+        client = client_address(request)
+        if not router.auth_failures.allowed(client):
+            return web.Response(status=429, text="too many failed attempts\n", headers={"Retry-After": "60"})
+        header = request.headers.get("Authorization", "")
+        presented = header[len("Bearer ") :].strip() if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(presented.encode(), token.encode()):
+            router.auth_failures.record_failure(client)
+            router.metrics.auth_failures.labels("metrics").inc()
+            return web.Response(status=401, text="unauthorized\n", headers={"WWW-Authenticate": "Bearer"})
+    body = await router.metrics_exposition()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     """The worker hub: hello within a few seconds, key check, policy, then jobs and events."""
     router = request.app[ROUTER]
@@ -1118,9 +1282,12 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     if hello is None:
         await ws.close()
         return ws
-    client = request.remote or "unknown"
-    if not router.auth_failures.allowed(client) or await router.admin_keys.verify(hello.gpu_key) is None:
+    client = client_address(request)
+    key_name = await router.admin_keys.verify(hello.gpu_key) if router.auth_failures.allowed(client) else None
+    request[KEY_NAME] = key_name or key_fingerprint(hello.gpu_key)
+    if key_name is None:
         router.auth_failures.record_failure(client)
+        router.metrics.auth_failures.labels("worker").inc()
         log.warning("worker rejected: invalid GPU key", extra={"remote": client})
         await ws.send_str(
             proto.encode(proto.HelloAck(success=False, error="invalid GPU key: authentication failed")).decode()
@@ -1159,6 +1326,7 @@ async def receive_hello(ws: web.WebSocketResponse, timeout: float) -> proto.Hell
 
 async def serve_worker(router: Router, worker: WorkerConnection) -> None:
     router.pool.add(worker)
+    router.metrics.worker_connects.inc()
     log.info(
         "worker connected",
         extra={"worker_id": worker.worker_id, "model": worker.capabilities.model, "slots": worker.slots},
@@ -1187,6 +1355,7 @@ async def serve_worker(router: Router, worker: WorkerConnection) -> None:
         reason = str(exc) or type(exc).__name__
     finally:
         await router.worker_gone(worker, reason)
+        router.metrics.worker_disconnects.inc()
         log.info("worker disconnected", extra={"worker_id": worker.worker_id, "reason": reason})
         if not worker.ws.closed:
             await worker.ws.close()
@@ -1310,6 +1479,8 @@ ANTHROPIC_ROUTES: list[tuple[str, str, Handler]] = [
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
+    app.router.add_get("/ping", ping)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/ws", worker_socket)
     added: set[tuple[str, str]] = set()
     for api, table in (("openai", OPENAI_ROUTES), ("anthropic", ANTHROPIC_ROUTES)):
@@ -1331,10 +1502,12 @@ def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Applicat
         server_blocking = not type(redis).__module__.startswith("fakeredis")
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[errors_middleware, admission_middleware, auth_middleware],
+        middlewares=[access_middleware, errors_middleware, admission_middleware, auth_middleware],
         handler_args={"max_field_size": 65536},
     )
     app[ROUTER] = Router(config, redis, server_blocking=server_blocking)
+    if config.access_log:  # its own level: AUXOT_LOG_LEVEL=warn does not silence the access log
+        access_log.setLevel(logging.INFO)
     add_routes(app)
     app.cleanup_ctx.append(background_tasks)
     app.on_shutdown.append(close_worker_sockets)
