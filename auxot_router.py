@@ -1543,6 +1543,7 @@ commands:
                       generate an API key (rtr_) and a GPU key (adm_) with their Argon2id hashes
   models [--json] [--family F] [--max-vram GB] [--capability C] [--search TEXT]
                       list the models of the registry
+  ping                exit 0 if the router on AUXOT_PORT answers GET /ping (container health checks)
   version             print the version
 """
 
@@ -1584,16 +1585,41 @@ def setup_command(args: list[str]) -> int:
 
 
 def fly_setup_text(gpu_key: str, api_key: str, admin_hash: str, api_hash: str, model: str) -> str:
+    """``fly secrets set`` for the app of ``./fly.toml`` (when there is one), with a token that
+    protects ``/metrics`` (a Fly app is public)."""
+    app = ""
+    with contextlib.suppress(OSError, ValueError):
+        import tomllib
+
+        app = str(tomllib.loads(Path("fly.toml").read_text()).get("app", ""))
+    metrics_token = secrets.token_urlsafe(24)
     return (
         "# auxot-router keys. SAVE THESE KEYS NOW: they will not be shown again.\n"
         f"# GPU key (workers):  {gpu_key}\n"
         f"# API key (callers):  {api_key}\n"
-        "fly secrets set \\\n"
+        f"# Prometheus scrapes /metrics with:  Authorization: Bearer {metrics_token}\n"
+        f"fly secrets set{f' --app {app}' if app else ''} \\\n"
         f"  AUXOT_ADMIN_KEY_HASH='{admin_hash}' \\\n"
         f"  AUXOT_API_KEY_HASH='{api_hash}' \\\n"
+        f"  AUXOT_METRICS_TOKEN='{metrics_token}' \\\n"
         f"  AUXOT_MODEL='{model}'\n"
-        "# Then deploy:\n#   fly deploy"
+        "# Then deploy:\n#   fly deploy\n"
+        f"# Workers:  python auxot_worker.py --gpu-key {gpu_key} --router-url wss://{app or '<app>'}.fly.dev/ws"
     )
+
+
+def ping_command(env: dict[str, str]) -> int:
+    """A liveness probe without curl or wget in the image: GET /ping on this machine."""
+    import urllib.request
+
+    port = env.get("AUXOT_PORT", "").strip() or "8080"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=4) as response:
+            ok = response.status == 200 and response.read() == b"pong"
+    except OSError as exc:
+        print(f"auxot-router ping: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
 
 
 async def serve(config: RouterConfig) -> None:
@@ -1643,6 +1669,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "setup":
         return setup_command(args[1:])
+    if command == "ping":
+        return ping_command(load_environment())
     if command == "models":
         from auxot_common.registry import models_command
 
