@@ -82,7 +82,7 @@ class _ClusterCollector(Collector):
         yield GaugeMetricFamily(
             "auxot_cluster_workers", "Workers connected to any router (cluster)", value=view.workers
         )
-        yield GaugeMetricFamily("auxot_cluster_slots_total", "Slots of all workers (cluster)", value=view.total_slots)
+        yield GaugeMetricFamily("auxot_cluster_slots", "Slots of all workers (cluster)", value=view.total_slots)
         yield GaugeMetricFamily(
             "auxot_cluster_slots_free", "Free slots of all workers (cluster)", value=view.free_slots
         )
@@ -146,7 +146,7 @@ class RouterMetrics:
         self.worker_disconnects = Counter("auxot_worker_disconnects", "Worker sockets closed", registry=registry)
         self.jobs_running = Gauge("auxot_jobs_running", "Jobs running on this router's workers", registry=registry)
         self.workers = Gauge("auxot_workers_connected", "Workers connected to this router", registry=registry)
-        self.slots_total = Gauge("auxot_slots_total", "Slots of this router's workers", registry=registry)
+        self.slots_total = Gauge("auxot_slots", "Slots of this router's workers", registry=registry)
         self.slots_free = Gauge("auxot_slots_free", "Free slots of this router's workers", registry=registry)
         self.requests_in_flight = Gauge("auxot_requests_in_flight", "HTTP requests being served", registry=registry)
         info = Gauge(

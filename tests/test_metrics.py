@@ -54,7 +54,7 @@ def test_metrics_and_access_log_follow_real_requests(cluster: Cluster) -> None:
     model = router.health()["model"]
     before = scrape(router.url)
     assert value(before, "auxot_workers_connected") == 1
-    assert value(before, "auxot_slots_total") == 2 == value(before, "auxot_slots_free")
+    assert value(before, "auxot_slots") == 2 == value(before, "auxot_slots_free")
     assert value(before, "auxot_queue_depth") == 0
     assert value(before, "auxot_worker_connects_total") == 1
 
@@ -185,3 +185,21 @@ def test_access_record_never_holds_more_than_it_is_given() -> None:
     assert record["queue_ms"] == 500.0 and record["ttft_ms"] == 1000.0 and record["total_ms"] == 2250.0
     assert record["model"] == "m" and record["time"] == "1970-01-01T00:00:00.000+00:00"
     assert key_fingerprint("rtr_secret").startswith("sha256:") and "secret" not in key_fingerprint("rtr_secret")
+
+
+def test_grafana_dashboard_uses_metrics_the_router_exports() -> None:
+    import re
+
+    from auxot_common.metrics import ClusterView, RouterMetrics
+    from tests.support.procs import REPO
+
+    dashboard = orjson.loads((REPO / "deploy" / "grafana-dashboard.json").read_bytes())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {re.sub(r"_(bucket|total)$", "", name) for expr in exprs for name in re.findall(r"\bauxot_\w+", expr)}
+    metrics = RouterMetrics(version="0", instance="i")
+    metrics.set_cluster(ClusterView(queue_depth=0, workers=0, total_slots=0, free_slots=0))
+    metrics.observe_job(JobStats(model="m", outcome="complete", dispatched_at=1.0, first_token_at=2.0, finished_at=3.0))
+    metrics.requests.labels("openai", "/v1/chat/completions", "200").inc()
+    metrics.auth_failures.labels("api").inc()
+    exported = {family.name for family in text_string_to_metric_families(metrics.exposition().decode())}
+    assert used and used <= exported, used - exported
