@@ -203,3 +203,26 @@ def test_grafana_dashboard_uses_metrics_the_router_exports() -> None:
     metrics.auth_failures.labels("api").inc()
     exported = {family.name for family in text_string_to_metric_families(metrics.exposition().decode())}
     assert used and used <= exported, used - exported
+
+
+async def test_with_several_routers_one_reports_the_cluster(aiohttp_client: Any, keys: Any, tmp_path: Any) -> None:
+    """Two routers on one real Redis: both report their own counters, one the cluster gauges."""
+    from redis.asyncio import Redis
+
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        clients = [
+            await aiohttp_client(create_app(config(keys, redis_url=server.url), redis=Redis.from_url(server.url)))
+            for _ in range(2)
+        ]
+        scrapes = [parse(await (await c.get("/metrics")).text()) for c in clients for _ in range(2)]
+        reporters = [("auxot_queue_depth", frozenset()) in samples for samples in scrapes]
+        assert reporters in ([True, True, False, False], [False, False, True, True]), reporters
+        assert all(value(samples, "auxot_workers_connected") == 0 for samples in scrapes)
+        for second in (scrapes[1], scrapes[3]):  # each counts its own first scrape, not the other's
+            assert value(second, "auxot_http_requests_total", api="router", route="/metrics", status="200") == 1
+    finally:
+        server.stop()
