@@ -12,7 +12,8 @@ COPY requirements.txt ./
 RUN python -m venv "$VIRTUAL_ENV" && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir -r requirements.txt
 COPY pyproject.toml README.md registry.json auxot_router.py auxot_worker.py ./
 COPY auxot_common/ auxot_common/
-RUN "$VIRTUAL_ENV/bin/pip" install --no-cache-dir --no-deps . && "$VIRTUAL_ENV/bin/auxot-router" version
+RUN "$VIRTUAL_ENV/bin/pip" install --no-cache-dir --no-deps . && "$VIRTUAL_ENV/bin/auxot-router" version \
+    && "$VIRTUAL_ENV/bin/python" -m pip uninstall --yes --quiet pip
 
 FROM python:3.12-slim
 ENV VIRTUAL_ENV=/opt/auxot PATH=/opt/auxot/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 AUXOT_PORT=8080
