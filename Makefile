@@ -1,4 +1,4 @@
-.PHONY: run test check lint typecheck bench registry zipapp
+.PHONY: run test check lint typecheck bench registry zipapp release lint-docker
 
 run:            ## install and start the router (embedded Redis)
 	./scripts/run-router.sh
@@ -21,5 +21,11 @@ bench:          ## router vs direct llama-server, side by side (fake backend)
 registry:       ## regenerate registry.json from data/
 	.venv/bin/python scripts/gen_registry.py
 
-zipapp:         ## build dist/auxot-router.pyz and dist/auxot-worker.pyz
+zipapp:         ## build dist/auxot-{router,worker}-linux-{x86_64,aarch64}.pyz (dependencies inside)
 	./scripts/build_zipapp.sh
+
+release: zipapp ## the zipapps and dist/SHA256SUMS
+	cd dist && sha256sum auxot-router-linux-*.pyz auxot-worker-linux-*.pyz > SHA256SUMS && cat SHA256SUMS
+
+lint-docker:    ## hadolint on both Dockerfiles (installed by requirements-dev.txt)
+	.venv/bin/hadolint Dockerfile Dockerfile.worker

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import logging
 import math
 import os
@@ -64,6 +65,8 @@ from auxot_common.limits import (
     resolve_limits,
 )
 from auxot_common.logs import redact_url, setup_logging
+from auxot_common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from auxot_common.metrics import ClusterView, JobStats, RouterMetrics, access_record, key_fingerprint
 from auxot_common.models import (
     CatalogError,
     ModelCatalog,
@@ -101,6 +104,7 @@ HELD_JOB_POLL_S = 0.05  # how soon a job held for its busy warm worker is looked
 WORKER_HEADER = "x-auxot-worker"
 CACHED_TOKENS_HEADER = "x-auxot-cached-tokens"
 log = logging.getLogger("auxot.router")
+access_log = logging.getLogger("auxot.access")
 
 
 # === Configuration ================================================================================
@@ -141,6 +145,8 @@ class RouterConfig:
     health_refresh: float = 1.0
     auth_failure_burst: int = 20
     auth_failures_per_minute: int = 30
+    access_log: bool = True
+    metrics_token: str = ""
     keys_file: str = ""
     usage_file: str = ""
     default_limits: Limits = field(default_factory=Limits)
@@ -211,6 +217,9 @@ class RouterConfig:
             health_refresh=read.duration("AUXOT_HEALTH_REFRESH", 1.0, minimum=0.05),
             auth_failure_burst=read.integer("AUXOT_AUTH_FAILURE_BURST", 20, minimum=1),
             auth_failures_per_minute=read.integer("AUXOT_AUTH_FAILURES_PER_MINUTE", 30, minimum=1),
+            access_log=read.choice("AUXOT_ACCESS_LOG", "on", ("on", "off", "true", "false", "1", "0"))
+            in ("on", "true", "1"),
+            metrics_token=read.text("AUXOT_METRICS_TOKEN", ""),
             keys_file=str(keystore.keys_file_path(env)),
             usage_file=read.text("AUXOT_USAGE_FILE", str(keystore.default_data_dir(env) / "usage.json")),
             default_limits=Limits(
@@ -548,6 +557,7 @@ class JobHandle:
     content_sent: bool = False
     dispatched_to: tuple[str, str] | None = None  # (instance id, worker id)
     finished: bool = False
+    stats: JobStats = field(default_factory=lambda: JobStats(model=""))
     side_worker: WorkerConnection | None = None  # a slot-free job (tokenize) sent straight to it
     submitted: float = field(default_factory=time.monotonic)
     dispatched_at: float = 0.0  # monotonic; 0 while it waits for a slot
@@ -606,7 +616,7 @@ class JobTracker:
                 f"the request is too large for a worker: {len(encoded)} bytes as a job, the limit is "
                 f"{router.config.max_ws_message_bytes} (AUXOT_MAX_WS_MESSAGE_BYTES)",
             )
-        handle = JobHandle(job=job, deadline=job.deadline)
+        handle = JobHandle(job=job, deadline=job.deadline, stats=JobStats(model=job.model, kind=job.kind))
         if ticket is not None:
             ticket.handle = handle
         self.handles[job.job_id] = handle
@@ -633,7 +643,8 @@ class JobTracker:
         notice = self._router.config.queue_notice
         while not handle.finished:
             if time.time() >= handle.deadline:
-                yield [self._fail(handle, f"the job timed out after {self._router.config.job_timeout:g}s", 504)]
+                timeout = self._router.config.job_timeout
+                yield [self._fail(handle, f"the job timed out after {timeout:g}s", 504, outcome="timeout")]
                 return
             batch = await handle.events.take()
             if not batch:  # woken by the ticker
@@ -652,9 +663,12 @@ class JobTracker:
                     out.append(message)
                     # sent as of now: a WorkerLost later in this same batch must not re-queue
                     handle.content_sent = True
+                    if handle.stats.first_token_at is None:
+                        handle.stats.first_token_at = time.monotonic()
                 elif isinstance(message, proto.Dispatched):
                     handle.dispatched_to = (message.instance_id, message.worker_id)
                     handle.dispatched_at = handle.dispatched_at or time.monotonic()
+                    handle.stats.dispatched_at, handle.stats.worker_id = time.monotonic(), message.worker_id
                 elif isinstance(message, proto.WorkerLost):
                     failure = await self._worker_lost(handle, message)
                     if failure is not None:
@@ -662,9 +676,16 @@ class JobTracker:
                         break
                 else:
                     out.append(message)
-                    if isinstance(message, proto.Complete | proto.Error):
+                    if isinstance(message, proto.Complete):
                         handle.final = message
-                        self._finish(handle)
+                        handle.stats.prompt_tokens = message.input_tokens
+                        handle.stats.cached_tokens = message.cache_tokens
+                        handle.stats.completion_tokens = message.output_tokens
+                        self._finish(handle, "complete")
+                        break
+                    if isinstance(message, proto.Error):
+                        handle.final = message
+                        self._finish(handle, "error")
                         break
             if out:  # a batch of only internal events is not a keep-alive tick
                 handle.last_yield = time.monotonic()
@@ -690,6 +711,8 @@ class JobTracker:
             return self._fail(handle, f"the worker serving this request went away ({lost.reason}) {reason}", 502)
         job.attempt += 1
         handle.dispatched_to = None
+        handle.dispatched_at = 0.0  # waiting for a slot again (queue position, x-auxot-queue-ms)
+        self._router.metrics.retries.labels(handle.stats.model).inc()
         log.warning("re-queueing job after worker loss", extra={"job_id": job.job_id, "attempt": job.attempt})
         try:
             await self._router.queue.enqueue(job, proto.encode(job))
@@ -697,19 +720,25 @@ class JobTracker:
             return self._fail(handle, "the job could not be re-queued: the queue is unavailable", 503)
         return None
 
-    def _fail(self, handle: JobHandle, message: str, status: int) -> proto.Error:
-        self.abandon(handle)
+    def _fail(self, handle: JobHandle, message: str, status: int, outcome: str = "error") -> proto.Error:
+        self._stop(handle, outcome)
         return proto.Error(job_id=handle.job.job_id, error=message, status=status)
 
-    def _finish(self, handle: JobHandle) -> None:
+    def _finish(self, handle: JobHandle, outcome: str) -> None:
         handle.finished = True
         self.handles.pop(handle.job.job_id, None)
+        handle.stats.outcome, handle.stats.finished_at = outcome, time.monotonic()
+        if handle.side_worker is None:  # slot-free jobs (count_tokens) are not generation jobs
+            self._router.metrics.observe_job(handle.stats)
 
     def abandon(self, handle: JobHandle) -> None:
-        """The caller no longer waits (gone, timed out): stop the job wherever it is."""
+        """The caller no longer waits (gone): stop the job wherever it is."""
+        self._stop(handle, "cancelled")
+
+    def _stop(self, handle: JobHandle, outcome: str) -> None:
         if handle.finished:
             return
-        self._finish(handle)
+        self._finish(handle, outcome)
         side = handle.side_worker
         if side is not None:  # never queued: nothing to record in Redis, only the worker to tell
             if not side.ws.closed:
@@ -766,6 +795,7 @@ class Router:
         )
         self.gpu_hashes: list[NamedHash] = list(config.admin_key_hashes)
         self.usage_admins = KeyVerifier([], cache_ttl=config.auth_cache_ttl, limiter=self.auth_failures)
+        self.metrics = RouterMetrics(version=VERSION, instance=self.instance_id)
         self.draining = False
         self.running = False  # dispatchers are started (background_tasks) and new pools get one
         self.unacked: list[tuple[str, str]] = []  # (model, entry) finished, but XACK failed (Redis away)
@@ -1310,6 +1340,49 @@ class Router:
             return final.input_tokens
         return None
 
+    # --- metrics --------------------------------------------------------------------------------
+
+    async def metrics_exposition(self) -> bytes:
+        """``/metrics``: this process's counters and workers, plus the cluster gauges if this
+        instance holds the metrics lease (always, with the embedded Redis)."""
+        workers = list(self.pool.workers.values())
+        self.metrics.set_local(
+            workers=len(workers),
+            total_slots=sum(w.slots for w in workers),
+            free_slots=self.pool.total_free(),
+            running=sum(len(w.running) for w in workers),
+            in_flight=self.in_flight,
+        )
+        view: ClusterView | None = None
+        try:
+            if await self._holds_metrics_lease():
+                depth = sum([await self.queue.depth(spec.name) for spec in self.catalog.specs])
+                depth += sum(len(pool.backlog) for pool in self.pool.pools.values())
+                local = [w.info(self.instance_id) for w in workers]
+                others = [w for w in self.cluster_view if w.get("instance") != self.instance_id]
+                cluster = local + others
+                total = sum(int(w.get("total_slots", 0)) for w in cluster)
+                active = sum(int(w.get("active_jobs", 0)) for w in cluster)
+                view = ClusterView(depth, len(cluster), total, max(total - active, 0))
+        except RedisError as exc:
+            log.warning("cluster metrics unavailable", extra={"error": str(exc)})
+        self.metrics.set_cluster(view)
+        return self.metrics.exposition()
+
+    async def _holds_metrics_lease(self) -> bool:
+        """One instance of a cluster reports the cluster gauges: the holder of a Redis key that
+        it renews on each scrape and that expires with the liveness timeout when it goes away."""
+        if not self.queue.shared:
+            return True
+        key, ttl = f"{self.config.redis_prefix}metrics:reporter", max(int(self.config.dead_worker_timeout), 1)
+        if await self.redis.set(key, self.instance_id, nx=True, ex=ttl):
+            return True
+        holder = await self.redis.get(key)
+        if holder not in (self.instance_id, self.instance_id.encode()):
+            return False
+        await self.redis.expire(key, ttl)
+        return True
+
     # --- keys, limits, usage, queue position ---------------------------------------------------
 
     async def refresh_keys(self) -> None:
@@ -1529,6 +1602,62 @@ async def read_json(request: web.Request) -> Any:
         raise RequestError(400, f"invalid JSON: {exc}") from None
 
 
+def api_of(request: web.Request) -> str:
+    """Which API a request is for: ``openai``, ``anthropic``, ``worker`` (the hub) or ``router``."""
+    path = request.path
+    if is_anthropic(request):
+        return "anthropic"
+    if path.startswith(("/api/openai", "/v1/")):
+        return "openai"
+    return "worker" if path == "/ws" else "router"
+
+
+KEY_NAME = "auxot_key_name"  # request key: the matching key's name, or a fingerprint of a bad key
+JOB_STATS = "auxot_job"  # request key: the JobStats of the request's job
+
+
+@web.middleware
+async def access_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Counts every request by API, route and status, and writes one access log line."""
+    started, wall = time.monotonic(), time.time()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = 499  # the caller went away before the response was complete
+        raise
+    finally:
+        router = request.app[ROUTER]
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        api = api_of(request)
+        router.metrics.requests.labels(api, route, str(status)).inc()
+        if router.config.access_log:
+            job: JobStats | None = request.get(JOB_STATS)
+            access_log.info(
+                "access",
+                extra=access_record(
+                    started_wall=wall,
+                    total_seconds=time.monotonic() - started,
+                    method=request.method,
+                    path=request.path,
+                    status=status,
+                    api=api,
+                    model=job.model if job is not None else None,
+                    key=request.get(KEY_NAME),
+                    client=request_client(request),
+                    job=job,
+                ),
+            )
+
+
 def presented_key(request: web.Request) -> str:
     """The API key: ``Authorization: Bearer`` (both APIs) or ``x-api-key`` (Anthropic)."""
     if is_anthropic(request):
@@ -1580,7 +1709,7 @@ async def errors_middleware(
         )
 
 
-OPEN_PATHS = frozenset({"/health", "/ws"})
+OPEN_PATHS = frozenset({"/health", "/ws", "/ping", "/metrics"})  # /metrics checks its own token
 
 
 def is_websocket_refusal(request: web.Request) -> bool:
@@ -1617,6 +1746,8 @@ async def auth_middleware(
         message = "too many failed authentication attempts; slow down"
         return error_response(request, 429, message, retry_after=math.ceil(result.retry_after))
     if result.outcome is Outcome.INVALID:
+        router.metrics.auth_failures.labels("api").inc()
+        request[KEY_NAME] = key_fingerprint(key)
         return error_response(request, 401, "invalid API key")
     request["auxot_key_name"] = result.name  # the access log, limits and usage name the key by this
     return await handler(request)
@@ -1642,13 +1773,16 @@ def request_client(request: web.Request) -> str:
     return client_address(request.remote, request.headers, request.app[ROUTER].config.trusted_proxies)
 
 
+UNMETERED_PATHS = frozenset({"/health", "/ping", "/metrics"})  # platform checks and scrapes, even while draining
+
+
 @web.middleware
 async def admission_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """Refuse new work while draining, and beyond AUXOT_MAX_REQUESTS requests in flight."""
     router = request.app[ROUTER]
-    if request.path == "/health":
+    if request.path in UNMETERED_PATHS:
         return await handler(request)
     if router.draining:
         return error_response(request, 503, "the router is shutting down; retry on another instance", retry_after=1)
@@ -1762,6 +1896,7 @@ async def submitted(request: web.Request, job: proto.Job, api: str) -> AsyncIter
     ticket = await router.admit(request)
     try:
         handle = await router.tracker.submit(job, ticket)
+        request[JOB_STATS] = handle.stats
         fields = {"job_id": job.job_id, "kind": api, "model": job.model, "stream": job.stream}
         log.info("job accepted", extra=fields)
         try:
@@ -2128,6 +2263,29 @@ async def health(request: web.Request) -> web.Response:
 PRE_AUTH_MAX_MESSAGE_BYTES = 1024 * 1024  # a hello is a few KiB; nobody unverified sends 64 MiB
 
 
+async def ping(request: web.Request) -> web.Response:
+    """Liveness for platform checks: no auth, no Redis, no JSON."""
+    return web.Response(text="pong")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; with AUXOT_METRICS_TOKEN set, only for ``Bearer <token>``."""
+    router = request.app[ROUTER]
+    token = router.config.metrics_token
+    if token:
+        client = request_client(request)
+        if not router.auth_failures.allowed(client):
+            return web.Response(status=429, text="too many failed attempts\n", headers={"Retry-After": "60"})
+        header = request.headers.get("Authorization", "")
+        presented = header[len("Bearer ") :].strip() if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(presented.encode(), token.encode()):
+            router.auth_failures.record_failure(client)
+            router.metrics.auth_failures.labels("metrics").inc()
+            return web.Response(status=401, text="unauthorized\n", headers={"WWW-Authenticate": "Bearer"})
+    body = await router.metrics_exposition()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 async def admin_usage(request: web.Request) -> web.Response:
     """``GET /admin/usage?key=NAME&since=YYYY-MM-DD``: usage rows per key and UTC day."""
     router = request.app[ROUTER]
@@ -2177,6 +2335,7 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
     if early is not None and hello.gpu_key != early_key:
         early = None  # two different keys: judge the one in the hello
     result = early if early is not None else await router.admin_keys.authenticate(hello.gpu_key, client)
+    request[KEY_NAME] = result.name or key_fingerprint(hello.gpu_key)
     if result.outcome is not Outcome.VALID:
         if result.outcome is Outcome.LIMITED:
             log.warning("worker refused for now: too many failed GPU keys", extra={"remote": client})
@@ -2187,6 +2346,7 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
                 retry_after=max(round(result.retry_after, 1), 1.0),
             )
         else:
+            router.metrics.auth_failures.labels("worker").inc()
             log.warning("worker rejected: invalid GPU key", extra={"remote": client})
             refusal = proto.HelloAck(success=False, error="invalid GPU key: authentication failed")
         await ws.send_str(proto.encode(refusal).decode())
@@ -2262,6 +2422,7 @@ async def serve_worker(router: Router, worker: WorkerConnection) -> None:
         await worker.ws.close(code=1012, message=b"model no longer served; reconnect")
         return
     router.pool.add(worker, worker.model)
+    router.metrics.worker_connects.inc()
     await router._dispatch_worker_pool(worker)
     log.info(
         "worker connected",
@@ -2296,6 +2457,7 @@ async def serve_worker(router: Router, worker: WorkerConnection) -> None:
         reason = str(exc) or type(exc).__name__
     finally:
         await router.worker_gone(worker, reason)
+        router.metrics.worker_disconnects.inc()
         log.info("worker disconnected", extra={"worker_id": worker.worker_id, "reason": reason})
         if not worker.ws.closed:
             await worker.ws.close()
@@ -2476,6 +2638,8 @@ ANTHROPIC_ROUTES: list[tuple[str, str, Handler]] = [
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
+    app.router.add_get("/ping", ping)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/ws", worker_socket)
     app.router.add_get("/admin/usage", admin_usage)
     added: set[tuple[str, str]] = set()
@@ -2498,13 +2662,15 @@ def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Applicat
         server_blocking = not type(redis).__module__.startswith("fakeredis")
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[errors_middleware, admission_middleware, auth_middleware],
+        middlewares=[access_middleware, errors_middleware, admission_middleware, auth_middleware],
         handler_args={"max_field_size": 65536},
     )
     app[ROUTER] = Router(config, redis, server_blocking=server_blocking)
     app[RESPONSE_STORE] = ResponseStore(
         redis, config.redis_prefix, ttl=config.responses_ttl, max_bytes=config.responses_max_bytes
     )
+    if config.access_log:  # its own level: AUXOT_LOG_LEVEL=warn does not silence the access log
+        access_log.setLevel(logging.INFO)
     add_routes(app)
     app.cleanup_ctx.append(background_tasks)
     app.on_shutdown.append(close_worker_sockets)
@@ -2545,6 +2711,7 @@ commands:
                       create a named key (printed once); keys list | keys set NAME ... | keys revoke NAME
   usage [--key NAME] [--since YYYY-MM-DD] [--json]
                       usage per key and UTC day
+  ping                exit 0 if the router on AUXOT_PORT answers GET /ping (container health checks)
   version             print the version
 """
 
@@ -2586,16 +2753,44 @@ def setup_command(args: list[str]) -> int:
 
 
 def fly_setup_text(gpu_key: str, api_key: str, admin_hash: str, api_hash: str, model: str) -> str:
+    """``fly secrets set`` for the app of ``./fly.toml`` (when there is one), with a token that
+    protects ``/metrics`` (a Fly app is public)."""
+    app = ""
+    with contextlib.suppress(OSError, ValueError):
+        import tomllib
+
+        app = str(tomllib.loads(Path("fly.toml").read_text()).get("app", ""))
+    metrics_token = secrets.token_urlsafe(24)
     return (
         "# auxot-router keys. SAVE THESE KEYS NOW: they will not be shown again.\n"
         f"# GPU key (workers):  {gpu_key}\n"
         f"# API key (callers):  {api_key}\n"
-        "fly secrets set \\\n"
+        f"# Prometheus scrapes /metrics with:  Authorization: Bearer {metrics_token}\n"
+        f"fly secrets set{f' --app {app}' if app else ''} \\\n"
         f"  AUXOT_ADMIN_KEY_HASH='{admin_hash}' \\\n"
         f"  AUXOT_API_KEY_HASH='{api_hash}' \\\n"
+        f"  AUXOT_METRICS_TOKEN='{metrics_token}' \\\n"
+        f"  AUXOT_TRUSTED_PROXIES='172.16.0.0/12,fdaa::/16' \\\n"
         f"  AUXOT_MODEL='{model}'\n"
-        "# Then deploy:\n#   fly deploy"
+        "# Then deploy:\n#   fly deploy\n"
+        "# Workers (the key in the environment, never on the command line):\n"
+        f"#   export AUXOT_GPU_KEY='{gpu_key}'\n"
+        f"#   python auxot_worker.py --router-url wss://{app or '<app>'}.fly.dev/ws"
     )
+
+
+def ping_command(env: dict[str, str]) -> int:
+    """A liveness probe without curl or wget in the image: GET /ping on this machine."""
+    import urllib.request
+
+    port = env.get("AUXOT_PORT", "").strip() or "8080"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=4) as response:
+            ok = response.status == 200 and response.read() == b"pong"
+    except OSError as exc:
+        print(f"auxot-router ping: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
 
 
 async def serve(config: RouterConfig) -> None:
@@ -2645,6 +2840,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "setup":
         return setup_command(args[1:])
+    if command == "ping":
+        return ping_command(load_environment())
     if command in ("keys", "usage"):
         from auxot_common.accounts_cli import keys_command, usage_command
 

@@ -46,6 +46,7 @@ import aiohttp
 import orjson
 
 from auxot_common import protocol as proto
+from auxot_common.datadir import data_dir
 from auxot_common.downloads import DownloadError
 from auxot_common.gpu import GpuInfo, detect_gpus, gpu_layers_for
 from auxot_common.llama_binary import DEFAULT_ASSET_BASE_URL
@@ -116,8 +117,8 @@ class WorkerConfig:
             model_path=read.text("AUXOT_MODEL_FILE", ""),
             mmproj_path=read.text("AUXOT_MMPROJ_FILE", ""),
             llama_server_path=read.text("AUXOT_LLAMA_BINARY", ""),
-            models_dir=read.text("AUXOT_MODELS_DIR", "~/.auxot/models"),
-            llama_cache_dir=read.text("AUXOT_LLAMA_CACHE_DIR", "~/.auxot/llama-server"),
+            models_dir=read.text("AUXOT_MODELS_DIR", str(data_dir(merged) / "models")),
+            llama_cache_dir=read.text("AUXOT_LLAMA_CACHE_DIR", str(data_dir(merged) / "llama-server")),
             llama_asset_url=read.text("AUXOT_LLAMA_ASSET_URL", DEFAULT_ASSET_BASE_URL).strip().rstrip("/"),
             backend_url=normalise_backend_url(backend_url) if backend_url else "",
             backend_api_key=read.text("AUXOT_BACKEND_API_KEY", ""),
@@ -1687,8 +1688,10 @@ options (environment variable in brackets):
   version                    the version
 
 downloads:
-  AUXOT_MODELS_DIR           model cache, files land in <dir>/<org>_<repo>/ (~/.auxot/models)
-  AUXOT_LLAMA_CACHE_DIR      llama-server builds (~/.auxot/llama-server)
+  AUXOT_DATA_DIR             where models and llama-server builds go: /runpod-volume/auxot or
+                             /workspace/auxot when that volume exists (RunPod, Vast.ai), else ~/.auxot
+  AUXOT_MODELS_DIR           model cache, files land in <dir>/<org>_<repo>/ (<data dir>/models)
+  AUXOT_LLAMA_CACHE_DIR      llama-server builds (<data dir>/llama-server)
   AUXOT_LLAMA_ASSET_URL      a mirror of the llama.cpp releases laid out as <url>/<tag>/<asset>
                              (https://github.com/ggml-org/llama.cpp/releases/download)
   HF_ENDPOINT, HF_TOKEN      a Hugging Face mirror, and the token for gated models

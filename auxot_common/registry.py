@@ -265,7 +265,26 @@ def read_embedded_registry() -> bytes:
             pass
         else:
             return bytes(data)
-    return read_from_zip(path)
+    try:
+        return read_from_zip(path)
+    except RegistryError:
+        installed = installed_registry_path()
+        if installed is None:
+            raise
+    with open(installed, "rb") as fh:
+        return fh.read()
+
+
+def installed_registry_path() -> str | None:
+    """``<prefix>/share/auxot/registry.json`` of a ``pip install`` (environment or ``--user``)."""
+    import site
+    import sys
+
+    for prefix in (sys.prefix, site.getuserbase()):
+        candidate = os.path.join(prefix, "share", "auxot", REGISTRY_FILE_NAME)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
 
 
 def read_from_zip(path: str) -> bytes:

@@ -1,17 +1,8 @@
 #!/usr/bin/env bash
-# Build dist/auxot-router.pyz and dist/auxot-worker.pyz: our code and registry.json in one file
-# each. The dependencies (aiohttp, orjson, argon2-cffi, redis, fakeredis) have compiled parts that
-# cannot load from a zip, so install them beside it: pip install -r requirements.txt.
+# Build the zipapps: dist/auxot-{router,worker}-linux-{x86_64,aarch64}.pyz, each carrying our code,
+# registry.json and its dependencies for CPython 3.11-3.14 (see scripts/build_zipapp.py; arguments
+# go to it). dist/auxot-{router,worker}.pyz are the builds for this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
-mkdir -p dist
-for role in router worker; do
-    stage="$(mktemp -d)"
-    cp -r auxot_common "auxot_${role}.py" registry.json "$stage/"
-    find "$stage" -name '__pycache__' -prune -exec rm -rf {} +
-    printf 'import sys\n\nfrom auxot_%s import main\n\nsys.exit(main())\n' "$role" > "$stage/__main__.py"
-    "$python" -m zipapp "$stage" -o "dist/auxot-${role}.pyz" -p "/usr/bin/env python3" -c
-    rm -rf "$stage"
-    echo "dist/auxot-${role}.pyz"
-done
+exec "$python" scripts/build_zipapp.py "$@"

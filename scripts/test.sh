@@ -14,6 +14,7 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v c++ >/dev/null 2>&1 || need+=(g++ make)
 command -v ccache >/dev/null 2>&1 || need+=(ccache)
+command -v make >/dev/null 2>&1 || need+=(make)  # tests run `make release`
 if ((${#need[@]})); then
     sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
     echo "installing system packages: ${need[*]}"
