@@ -147,8 +147,8 @@ class RouterConfig:
     auth_failures_per_minute: int = 30
     access_log: bool = True
     metrics_token: str = ""
-    keys_file: str = ""
-    usage_file: str = ""
+    keys_file: str = field(default_factory=lambda: str(keystore.keys_file_path({})))
+    usage_file: str = field(default_factory=lambda: str(keystore.default_data_dir({}) / "usage.json"))
     default_limits: Limits = field(default_factory=Limits)
     keys_refresh: float = 2.0
     fair_readahead: int = 64
@@ -2770,7 +2770,6 @@ def fly_setup_text(gpu_key: str, api_key: str, admin_hash: str, api_hash: str, m
         f"  AUXOT_ADMIN_KEY_HASH='{admin_hash}' \\\n"
         f"  AUXOT_API_KEY_HASH='{api_hash}' \\\n"
         f"  AUXOT_METRICS_TOKEN='{metrics_token}' \\\n"
-        f"  AUXOT_TRUSTED_PROXIES='172.16.0.0/12,fdaa::/16' \\\n"
         f"  AUXOT_MODEL='{model}'\n"
         "# Then deploy:\n#   fly deploy\n"
         "# Workers (the key in the environment, never on the command line):\n"

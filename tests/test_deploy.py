@@ -176,4 +176,5 @@ def test_fly_toml_matches_the_image_and_setup(tmp_path: Path) -> None:
     assert verify_hash(secrets["AUXOT_ADMIN_KEY_HASH"], gpu_key.group(1))
     config = RouterConfig.from_env({**fly["env"], **secrets})
     assert config.metrics_token == secrets["AUXOT_METRICS_TOKEN"] and config.port == service["internal_port"]
+    assert config.trusted_proxies  # behind Fly's proxy, Fly-Client-IP names the caller
     assert f"wss://{fly['app']}.fly.dev/ws" in out

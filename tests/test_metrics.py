@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import fakeredis
@@ -139,8 +141,12 @@ def test_metrics_and_access_log_follow_real_requests(cluster: Cluster) -> None:
 
 
 def config(keys: Any, **changes: Any) -> RouterConfig:
+    data = Path(tempfile.mkdtemp(prefix="auxot-metrics-"))  # named keys and usage stay out of ~/.auxot
     cfg = RouterConfig(
-        api_key_hashes=[NamedHash("alice", keys.api_hash)], admin_key_hashes=[NamedHash("gpu", keys.gpu_hash)]
+        api_key_hashes=[NamedHash("alice", keys.api_hash)],
+        admin_key_hashes=[NamedHash("gpu", keys.gpu_hash)],
+        keys_file=str(data / "keys.json"),
+        usage_file=str(data / "usage.json"),
     )
     for name, val in changes.items():
         setattr(cfg, name, val)
