@@ -38,12 +38,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
 
+from auxot_common import eventloop
 from auxot_common import protocol as proto
 from auxot_common.downloads import DownloadError
 from auxot_common.gpu import GpuInfo, detect_gpus, gpu_layers_for
@@ -58,6 +60,7 @@ from auxot_common.provision import (
     provide_model,
     vram_report_gb,
 )
+from auxot_common.sendbatch import FrameBatcher
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 from auxot_common.textparse import REASONING, TextParser
 
@@ -1125,6 +1128,7 @@ class RouterLink:
         self.backend_up = asyncio.Event()
         self.on_policy_update: Callable[[proto.Policy], None] = lambda _policy: None
         self.runner: JobRunner | None = None
+        self.batcher: FrameBatcher | None = None  # when the router reads batch frames
 
     async def fetch_policy(self, caps: proto.Capabilities) -> proto.Policy:
         """Phase 1: a policy-only hello (never given jobs) carrying the GPU report, retried with backoff."""
@@ -1170,6 +1174,7 @@ class RouterLink:
             await ws.close()
             raise
         self.gpu_id = ack.gpu_id
+        self.batcher = FrameBatcher(partial(ws.send_frame, opcode=aiohttp.WSMsgType.TEXT)) if ack.batch else None
         return ws, ack
 
     async def serve(
@@ -1277,7 +1282,10 @@ class RouterLink:
         ws = self.ws
         if ws is None or ws.closed:
             raise ConnectionError("not connected to the router")
-        await ws.send_frame(proto.encode(message), aiohttp.WSMsgType.TEXT)
+        if self.batcher is not None:  # what other jobs send in this loop turn shares the frame
+            await self.batcher.send(proto.encode(message))
+        else:
+            await ws.send_frame(proto.encode(message), aiohttp.WSMsgType.TEXT)
 
 
 def policy_fields(policy: proto.Policy) -> dict[str, Any]:
@@ -1638,7 +1646,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level)
     try:
-        return asyncio.run(run(config))
+        return eventloop.run(run(config))
     except (FatalError, RuntimeError) as exc:  # provisioning errors (downloads, binary, llama-server) included
         log.error("fatal", extra={"error": str(exc)})
         print(f"auxot-worker: {exc}", file=sys.stderr)

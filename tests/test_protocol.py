@@ -87,7 +87,7 @@ FULL_MESSAGES: list[Any] = [
     ),
     Error(error="boom", job_id="chatcmpl-1", details="more", status=400, retryable=True),
     PromptProgress(job_id="chatcmpl-1", total=100, cached=20, processed=50),
-    HelloAck(success=True, gpu_id="9f0c", policy=FULL_POLICY, error="none"),
+    HelloAck(success=True, gpu_id="9f0c", policy=FULL_POLICY, error="none", batch=True),
     HeartbeatAck(),
     ConfigAck(success=False, error="bad capabilities"),
     Job(
