@@ -72,6 +72,7 @@ class Load:
     headers: dict[str, str]
     max_tokens: int
     tally: Tally = field(default_factory=Tally)
+    done: bytes = b"[DONE]"  # how a good stream ends (Anthropic: the message_stop event)
     opens: float = -math.inf
     closes: float = math.inf
 
@@ -108,9 +109,9 @@ class Load:
                 tail = buf[-_TAIL:]
         if saw_error:
             self.tally.fail("error event in stream")
-        elif b"[DONE]" not in tail:
-            self.tally.fail("stream ended without [DONE]")
-        return tokens, not saw_error and b"[DONE]" in tail
+        elif self.done not in tail:
+            self.tally.fail(f"stream ended without {self.done.decode()}")
+        return tokens, not saw_error and self.done in tail
 
 
 def chat_url(url: str) -> str:
@@ -154,7 +155,7 @@ async def _warm_up(session: aiohttp.ClientSession, load: Load, concurrency: int)
 
     Returns how many failed (they are not errors of the run itself).
     """
-    short = Load(load.url, orjson.dumps({**orjson.loads(load.body), "max_tokens": 1}), load.headers, 1)
+    short = Load(load.url, orjson.dumps({**orjson.loads(load.body), "max_tokens": 1}), load.headers, 1, done=load.done)
     await asyncio.gather(*(short.one(session) for _ in range(concurrency)))
     return short.tally.errors
 
@@ -211,6 +212,7 @@ async def run_load(
     timeout: float = 120.0,
     prompt: str = "Say tok.",
     warmup: bool = True,
+    api: str = "openai",
 ) -> dict[str, Any]:
     """Run the load and return the summary (see the module docstring).
 
@@ -224,9 +226,15 @@ async def run_load(
         "messages": [{"role": "user", "content": prompt}],
     })  # fmt: skip
     headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    load = Load(chat_url(url), body, headers, max_tokens)
+    if api == "anthropic":  # /v1/messages: the same body shape, ends with message_stop
+        if api_key:
+            headers["x-api-key"] = api_key
+        headers["anthropic-version"] = "2023-06-01"
+        load = Load(url.rstrip("/") + "/v1/messages", body, headers, max_tokens, done=b"message_stop")
+    else:
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        load = Load(chat_url(url), body, headers, max_tokens)
     cpu: list[float] = []
 
     def window(opening: bool) -> None:
