@@ -1219,7 +1219,8 @@ class RouterLink:
             runner.cancel_all()  # the router re-runs or fails them; results could not be delivered now
             self.ws = None
             self.runner = None
-            log.warning("disconnected from the router", extra={"close_code": ws.close_code})
+            sent = {"frames": self.batcher.frames, "messages": self.batcher.messages} if self.batcher else {}
+            log.warning("disconnected from the router", extra={"close_code": ws.close_code, **sent})
 
     def _current_caps(self) -> proto.Capabilities:
         """``caps``, or zero slots (``draining``) while the backend is down."""

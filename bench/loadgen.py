@@ -43,6 +43,7 @@ import orjson
 
 TOKEN = b" tok"
 _ERROR_EVENT = b'data: {"error"'
+UNIQUE = b"@@n@@"  # in a prompt: replaced by the request's number (no two share a cached prefix)
 _TAIL = 31  # bytes kept between reads, longer than any pattern we look for
 
 
@@ -73,6 +74,7 @@ class Load:
     max_tokens: int
     tally: Tally = field(default_factory=Tally)
     done: bytes = b"[DONE]"  # how a good stream ends (Anthropic: the message_stop event)
+    sent: int = 0  # requests built; numbers the prompts where the body holds UNIQUE
     opens: float = -math.inf
     closes: float = math.inf
 
@@ -91,7 +93,9 @@ class Load:
         started = time.perf_counter()
         measured = self.opens <= started < self.closes
         tokens, tail, saw_error = 0, b"", False
-        async with session.post(self.url, data=self.body, headers=self.headers) as resp:
+        self.sent += 1
+        body = self.body.replace(UNIQUE, str(self.sent).encode()) if UNIQUE in self.body else self.body
+        async with session.post(self.url, data=body, headers=self.headers) as resp:
             if resp.status != 200:
                 self.tally.fail(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
                 return 0, False

@@ -44,8 +44,8 @@ class ScenarioPlan:
 
 
 QUICK_SCENARIOS = ScenarioPlan(
-    gpu_tokens=48, gpu_window=4.0, prompt_bytes=2000, streams=400, streams_window=4.0,
-    dispatch_window=3.0, cross_window=3.0,
+    gpu_tokens=48, gpu_window=3.0, prompt_bytes=2000, streams=300, streams_window=2.0,
+    dispatch_window=2.0, cross_window=2.0,
 )  # fmt: skip
 FULL_SCENARIOS = ScenarioPlan(
     gpu_tokens=256, gpu_window=20.0, prompt_bytes=4000, streams=2000, streams_window=10.0,
@@ -185,7 +185,7 @@ async def gpu_scenario(session: aiohttp.ClientSession, procs: Procs, plan: Scena
     await wait_until(session, direct + "/health", lambda _: True, [fake], 20)
     url, router = await procs.router(session, GPU_SLOTS)
     worker = await procs.worker(session, url, env, router)
-    prompt = ("tok " * (plan.prompt_bytes // 4))[: plan.prompt_bytes]
+    prompt = "@@n@@ " + ("tok " * (plan.prompt_bytes // 4))[: plan.prompt_bytes]  # unique: no cache hits
     length = plan.gpu_tokens / GPU_RATE
     rows: list[dict[str, Any]] = []
     paths = {"direct": (direct, None, {"fake": fake.popen.pid}),
