@@ -1,4 +1,4 @@
-.PHONY: run test check lint typecheck bench registry zipapp release lint-docker
+.PHONY: run test check lint typecheck bench bench-quick registry zipapp release lint-docker
 
 run:            ## install and start the router (embedded Redis)
 	./scripts/run-router.sh
@@ -15,8 +15,11 @@ lint:
 typecheck:
 	.venv/bin/mypy
 
-bench:          ## router vs direct llama-server, side by side (fake backend)
+bench:          ## every benchmark of issue 12 in one run, one table (about 6 minutes)
 	.venv/bin/python bench/run_bench.py
+
+bench-quick:    ## the same scenarios, shorter and smaller (under two minutes)
+	.venv/bin/python bench/run_bench.py --quick
 
 registry:       ## regenerate registry.json from data/
 	.venv/bin/python scripts/gen_registry.py

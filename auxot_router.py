@@ -37,6 +37,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from auxot_common import anthropic_api as anthropic
+from auxot_common import eventloop
 from auxot_common import keys as keystore
 from auxot_common import protocol as proto
 from auxot_common import responses_api as responses
@@ -974,7 +975,7 @@ class Router:
         self.relay.send(owner, raw if raw is not None else proto.encode(message))
         return True
 
-    async def on_worker_message(self, worker: WorkerConnection, raw: bytes, message: proto.Message) -> None:
+    async def on_worker_message(self, worker: WorkerConnection, raw: bytes | None, message: proto.Message) -> None:
         kind = type(message)
         if kind is proto.Token or kind is proto.ToolCallDelta or kind is proto.PromptProgress:
             assert isinstance(message, proto.Token | proto.ToolCallDelta | proto.PromptProgress)
@@ -2359,7 +2360,9 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         await ws.close()
         return ws
     worker_id = secrets.token_hex(16)
-    ack = proto.HelloAck(success=True, gpu_id=worker_id, policy=router.policy_for(hello.capabilities, spec))
+    ack = proto.HelloAck(
+        success=True, gpu_id=worker_id, policy=router.policy_for(hello.capabilities, spec), batch=True
+    )
     await ws.send_str(proto.encode(ack).decode())
     if hello.policy_only:
         with contextlib.suppress(TimeoutError):
@@ -2448,7 +2451,11 @@ async def serve_worker(router: Router, worker: WorkerConnection) -> None:
             except proto.ProtocolError as exc:
                 log.warning("bad message from worker", extra={"worker_id": worker.worker_id, "error": str(exc)})
                 continue
-            await router.on_worker_message(worker, msg.data, message)
+            if type(message) is proto.Batch:  # events of several jobs that were ready together
+                for inner in message.messages:
+                    await router.on_worker_message(worker, None, inner)
+            else:
+                await router.on_worker_message(worker, msg.data, message)
         if worker.ws.close_code not in (None, 1000, 1001):
             reason = f"closed with code {worker.ws.close_code}"
     except TimeoutError:
@@ -2860,7 +2867,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     setup_logging(config.log_level)
     try:
-        asyncio.run(serve(config))
+        eventloop.run(serve(config))
     except OSError as exc:
         log.error("cannot listen", extra={"error": str(exc)})
         return 1

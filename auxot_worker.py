@@ -39,12 +39,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
 
+from auxot_common import eventloop
 from auxot_common import protocol as proto
 from auxot_common.datadir import data_dir
 from auxot_common.downloads import DownloadError
@@ -61,6 +63,7 @@ from auxot_common.provision import (
     vram_report_gb,
 )
 from auxot_common.routing import host_ram_bytes, llama_cache_args
+from auxot_common.sendbatch import FrameBatcher
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 from auxot_common.textparse import REASONING, TextParser
 
@@ -1216,6 +1219,7 @@ class RouterLink:
         self.on_policy_update: Callable[[proto.Policy], None] = lambda _policy: None
         self.runner: JobRunner | None = None
         self.max_message_bytes = 64 * 1024 * 1024  # until the router's policy says
+        self.batcher: FrameBatcher | None = None  # when the router reads batch frames
 
     async def fetch_policy(self, caps: proto.Capabilities) -> proto.Policy:
         """Phase 1: a policy-only hello (never given jobs) carrying the GPU report, retried with backoff."""
@@ -1270,6 +1274,7 @@ class RouterLink:
             await ws.close()
             raise
         self.gpu_id = ack.gpu_id
+        self.batcher = FrameBatcher(partial(ws.send_frame, opcode=aiohttp.WSMsgType.TEXT)) if ack.batch else None
         return ws, ack
 
     async def serve(
@@ -1315,7 +1320,8 @@ class RouterLink:
             runner.cancel_all()  # the router re-runs or fails them; results could not be delivered now
             self.ws = None
             self.runner = None
-            log.warning("disconnected from the router", extra={"close_code": ws.close_code})
+            sent = {"frames": self.batcher.frames, "messages": self.batcher.messages} if self.batcher else {}
+            log.warning("disconnected from the router", extra={"close_code": ws.close_code, **sent})
 
     def _current_caps(self) -> proto.Capabilities:
         """``caps``, or zero slots (``draining``) while the backend is down."""
@@ -1379,7 +1385,10 @@ class RouterLink:
         ws = self.ws
         if ws is None or ws.closed:
             raise ConnectionError("not connected to the router")
-        await ws.send_frame(proto.encode(message), aiohttp.WSMsgType.TEXT)
+        if self.batcher is not None:  # what other jobs send in this loop turn shares the frame
+            await self.batcher.send(proto.encode(message))
+        else:
+            await ws.send_frame(proto.encode(message), aiohttp.WSMsgType.TEXT)
 
 
 def pooling_of(policy: proto.Policy) -> str:
@@ -1759,7 +1768,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level)
     try:
-        return asyncio.run(run(config))
+        return eventloop.run(run(config))
     except (FatalError, RuntimeError) as exc:  # provisioning errors (downloads, binary, llama-server) included
         log.error("fatal", extra={"error": str(exc)})
         print(f"auxot-worker: {exc}", file=sys.stderr)

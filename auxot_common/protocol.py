@@ -27,6 +27,9 @@ additions:
 
 Messages from the other side are checked deeply (nested entries, bounds): a worker or router
 bug is a :class:`ProtocolError` at the socket, never an exception deep inside a job.
+- ``batch`` (worker -> router) carries several messages in one frame: the events of different
+  jobs that became ready in the same event-loop turn. The router announces that it reads them
+  with ``hello_ack.batch = true``; a worker sends them only then, so either side may be older.
 
 Fields equal to their default are omitted from the JSON (like Go's ``omitempty``, but a
 meaningful zero such as ``temperature: 0`` is kept), except those
@@ -214,6 +217,7 @@ class HelloAck:
     error: str = ""
     retryable: bool = False  # refused for now (rate limit, capacity), not for a bad key
     retry_after: float = 0.0  # seconds
+    batch: bool = False  # this router reads ``batch`` frames
     type: ClassVar[str] = "hello_ack"
     _always: ClassVar[frozenset[str]] = frozenset({"success"})
 
@@ -304,6 +308,18 @@ class WorkerLost:
     _always: ClassVar[frozenset[str]] = frozenset({"job_id"})
 
 
+@dataclass(slots=True)
+class Batch:
+    """Several worker -> router messages in one frame (never nested), handled in order.
+
+    Built with :func:`encode_batch` from already-encoded messages, so nothing is encoded twice.
+    """
+
+    messages: list[Any]  # list[Message]; Any because Message is defined below
+    type: ClassVar[str] = "batch"
+    _always: ClassVar[frozenset[str]] = frozenset({"messages"})
+
+
 Message = (
     Hello
     | Config
@@ -321,6 +337,7 @@ Message = (
     | PolicyUpdate
     | Dispatched
     | WorkerLost
+    | Batch
 )
 
 MESSAGE_TYPES: dict[str, type[Any]] = {
@@ -354,8 +371,21 @@ def encode(message: Message) -> bytes:
         if message.reasoning:
             return orjson.dumps({"type": "token", "job_id": message.job_id, "token": message.token, "reasoning": True})
         return orjson.dumps({"type": "token", "job_id": message.job_id, "token": message.token})
+    if type(message) is Batch:
+        return _BATCH_HEAD + b",".join(encode(m) for m in message.messages) + b"]}"
     body = _fields_to_dict(message)
     return orjson.dumps({"type": message.type, **body})
+
+
+_BATCH_HEAD = b'{"type":"batch","messages":['
+
+
+def encode_batch(payloads: list[bytes]) -> bytes:
+    """One ``batch`` frame from messages already encoded with :func:`encode` (one payload is
+    sent as itself: a batch of one would only cost the router a level of nesting)."""
+    if len(payloads) == 1:
+        return payloads[0]
+    return _BATCH_HEAD + b",".join(payloads) + b"]}"
 
 
 def decode(data: str | bytes) -> Message:
@@ -364,6 +394,18 @@ def decode(data: str | bytes) -> Message:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"invalid JSON: {exc}") from None
+    if isinstance(obj, dict) and obj.get("type") == "batch":
+        items = obj.get("messages")
+        if not isinstance(items, list):
+            raise ProtocolError("bad batch message: messages must be a list")
+        messages = [_decode_object(item) for item in items]
+        if any(type(m) is Batch for m in messages):
+            raise ProtocolError("bad batch message: batches do not nest")
+        return Batch(messages)
+    return _decode_object(obj)
+
+
+def _decode_object(obj: Any) -> Message:
     if not isinstance(obj, dict):
         raise ProtocolError("a message must be a JSON object")
     kind = obj.get("type")

@@ -39,6 +39,11 @@ Environment:
                                     prompt processing of concurrent requests queues (one GPU)
   FAKE_LLAMA_CACHE_RAM_TOKENS       host-RAM prompt cache size in tokens (``--cache-ram``); 0 = off
   FAKE_LLAMA_RESTORE_MS_PER_TOKEN   cost of restoring a cached prompt from RAM (default 0.005)
+  FAKE_LLAMA_GPU_STEPS              1 = pace streams like a GPU's continuous batching (needs a
+                                    token rate): one decode step per 1/rate s gives every
+                                    generating slot its token at once, and prompts that arrive
+                                    during a step are prefilled in the next, which lasts longer
+                                    by their prefill time (bench/gpu_steps.py)
   FAKE_LLAMA_LOAD_SECONDS           answer 503 "Loading model" this long after start (default 0)
   FAKE_LLAMA_N_PARAMS               meta.n_params in /v1/models (default 494032768)
 
@@ -97,6 +102,10 @@ except ImportError:  # pragma: no cover - `#!/usr/bin/env python3` found a Pytho
         os.execv(str(_VENV / "bin" / "python"), [str(_VENV / "bin" / "python"), *sys.argv])
     raise
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded as a module by tests
+    sys.path.append(str(Path(__file__).resolve().parent))
+from gpu_steps import GpuSteps  # bench/gpu_steps.py, beside this file
+
 SYSTEM_FINGERPRINT = "b11434-unknown"
 TOKEN_WORD = " tok"
 BYTES_PER_TOKEN = 4
@@ -132,6 +141,7 @@ class Config:
     restore_ms_per_token: float = 0.005
     load_seconds: float = 0.0
     n_params: int = 494_032_768
+    gpu_steps: bool = False
 
     @property
     def model_name(self) -> str:
@@ -221,6 +231,7 @@ def load_config(argv: Sequence[str]) -> Config:
         restore_ms_per_token=_env_float("FAKE_LLAMA_RESTORE_MS_PER_TOKEN", 0.005),
         load_seconds=_env_float("FAKE_LLAMA_LOAD_SECONDS", 0.0),
         n_params=int(_env_float("FAKE_LLAMA_N_PARAMS", 494_032_768)),
+        gpu_steps=os.environ.get("FAKE_LLAMA_GPU_STEPS", "") not in ("", "0"),
     )
 
 
@@ -719,6 +730,9 @@ class FakeLlamaServer:
         self.slots = SlotPool(cfg.parallel, cfg.cache_ram_tokens)
         self.compute = asyncio.Lock()  # one GPU: prompt processing of concurrent requests queues
         self.ready_at = time.monotonic() + cfg.load_seconds
+        self.gpu: GpuSteps | None = None
+        if cfg.gpu_steps and cfg.tokens_per_sec > 0:
+            self.gpu = GpuSteps(cfg.tokens_per_sec, cfg.prompt_tokens_per_sec)
 
     # --- middlewares ---------------------------------------------------------------------------
 
@@ -890,7 +904,11 @@ class FakeLlamaServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)  # llama-server sends headers once the slot starts the prompt
         started = time.monotonic()
-        await _sleep(delay)
+        if self.gpu is not None:  # prefill in the GPU's next step; the first token comes with it
+            await _sleep(job.plan.first_delay)
+            await self.gpu.prefill(outcome.prompt_tokens - outcome.cached)
+        else:
+            await _sleep(delay)
         outcome.prompt_ms += (time.monotonic() - started) * 1e3
         plan, enc = job.plan, job.encoder
         first = enc.first
@@ -911,6 +929,13 @@ class FakeLlamaServer:
     async def _pace(self, resp: web.StreamResponse, units: Sequence[bytes]) -> None:
         """Write one unit per token at the configured rate (tokens_generated counts what went out)."""
         rate, total, stats = self.cfg.tokens_per_sec, len(units), self.stats
+        if self.gpu is not None:  # one token per GPU step, the first was due at prefill's end
+            for i, unit in enumerate(units):
+                if i:
+                    await self.gpu.step()
+                await resp.write(unit)
+                stats.tokens_generated += 1
+            return
         if rate <= 0:
             batch = self.cfg.flat_batch
             for i in range(0, total, batch):

@@ -43,6 +43,7 @@ import orjson
 
 TOKEN = b" tok"
 _ERROR_EVENT = b'data: {"error"'
+UNIQUE = b"@@n@@"  # in a prompt: replaced by the request's number (no two share a cached prefix)
 _TAIL = 31  # bytes kept between reads, longer than any pattern we look for
 
 
@@ -72,6 +73,8 @@ class Load:
     headers: dict[str, str]
     max_tokens: int
     tally: Tally = field(default_factory=Tally)
+    done: bytes = b"[DONE]"  # how a good stream ends (Anthropic: the message_stop event)
+    sent: int = 0  # requests built; numbers the prompts where the body holds UNIQUE
     opens: float = -math.inf
     closes: float = math.inf
 
@@ -90,7 +93,9 @@ class Load:
         started = time.perf_counter()
         measured = self.opens <= started < self.closes
         tokens, tail, saw_error = 0, b"", False
-        async with session.post(self.url, data=self.body, headers=self.headers) as resp:
+        self.sent += 1
+        body = self.body.replace(UNIQUE, str(self.sent).encode()) if UNIQUE in self.body else self.body
+        async with session.post(self.url, data=body, headers=self.headers) as resp:
             if resp.status != 200:
                 self.tally.fail(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
                 return 0, False
@@ -108,9 +113,9 @@ class Load:
                 tail = buf[-_TAIL:]
         if saw_error:
             self.tally.fail("error event in stream")
-        elif b"[DONE]" not in tail:
-            self.tally.fail("stream ended without [DONE]")
-        return tokens, not saw_error and b"[DONE]" in tail
+        elif self.done not in tail:
+            self.tally.fail(f"stream ended without {self.done.decode()}")
+        return tokens, not saw_error and self.done in tail
 
 
 def chat_url(url: str) -> str:
@@ -154,7 +159,7 @@ async def _warm_up(session: aiohttp.ClientSession, load: Load, concurrency: int)
 
     Returns how many failed (they are not errors of the run itself).
     """
-    short = Load(load.url, orjson.dumps({**orjson.loads(load.body), "max_tokens": 1}), load.headers, 1)
+    short = Load(load.url, orjson.dumps({**orjson.loads(load.body), "max_tokens": 1}), load.headers, 1, done=load.done)
     await asyncio.gather(*(short.one(session) for _ in range(concurrency)))
     return short.tally.errors
 
@@ -211,6 +216,7 @@ async def run_load(
     timeout: float = 120.0,
     prompt: str = "Say tok.",
     warmup: bool = True,
+    api: str = "openai",
 ) -> dict[str, Any]:
     """Run the load and return the summary (see the module docstring).
 
@@ -224,9 +230,15 @@ async def run_load(
         "messages": [{"role": "user", "content": prompt}],
     })  # fmt: skip
     headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    load = Load(chat_url(url), body, headers, max_tokens)
+    if api == "anthropic":  # /v1/messages: the same body shape, ends with message_stop
+        if api_key:
+            headers["x-api-key"] = api_key
+        headers["anthropic-version"] = "2023-06-01"
+        load = Load(url.rstrip("/") + "/v1/messages", body, headers, max_tokens, done=b"message_stop")
+    else:
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        load = Load(chat_url(url), body, headers, max_tokens)
     cpu: list[float] = []
 
     def window(opening: bool) -> None:

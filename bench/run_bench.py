@@ -46,9 +46,12 @@ if str(ROOT) not in sys.path:  # run as a script, only bench/ is on the path; au
     sys.path.append(str(ROOT))
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results" / "latest.json"
+from auxot_common import eventloop  # noqa: E402  (needs ROOT on sys.path)
+
 CONCURRENCY = (1, 16, 64)
 SPEEDS = (50.0, 0.0)  # tokens/s per stream; 0 = flat out
 TARGETS = ("direct", "proxy", "router")
+SCENARIO_NAMES = ("gpu", "streams", "dispatch", "cross", "scale")
 SLOTS = 64
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # which processes' CPU each path costs (the fake is shown for context, not part of the budget)
@@ -64,6 +67,8 @@ class Plan:
     flat_ramp: float
     rated_max_tokens: int = 100
     flat_max_tokens: int = 500
+    concurrency: tuple[int, ...] = CONCURRENCY
+    speeds: tuple[float, ...] = SPEEDS
 
     def phase(self, speed: float) -> tuple[float, float, int]:
         """(ramp, window, max_tokens) at one token speed.
@@ -76,7 +81,7 @@ class Plan:
         return self.flat_ramp, self.flat_window, self.flat_max_tokens
 
 
-QUICK = Plan(rated_window=3.0, flat_window=2.0, flat_ramp=0.5)
+QUICK = Plan(rated_window=3.0, flat_window=2.0, flat_ramp=0.5, concurrency=(64,), speeds=(50.0,))
 FULL = Plan(rated_window=10.0, flat_window=6.0, flat_ramp=1.0)
 
 
@@ -305,7 +310,7 @@ async def run_speed(session: aiohttp.ClientSession, speed: float, plan: Plan, ke
         await stack.start(session, model)
         if stack.router_error:
             report(f"router + worker unavailable: {stack.router_error}")
-        for concurrency in CONCURRENCY:
+        for concurrency in plan.concurrency:
             for target in TARGETS:
                 if target in stack.urls:
                     rows.append(await run_phase(stack, target, concurrency, plan))
@@ -405,7 +410,7 @@ def workspace() -> Iterator[Path]:
         yield Path(tmp)
 
 
-async def run(plan: Plan, quick: bool, report: Callable[[str], None]) -> dict[str, Any]:
+async def run(plan: Plan, quick: bool, report: Callable[[str], None], scenario_names: list[str]) -> dict[str, Any]:
     keys = Keys.make()
     rows: list[dict[str, Any]] = []
     router_errors: list[str] = []
@@ -413,19 +418,24 @@ async def run(plan: Plan, quick: bool, report: Callable[[str], None]) -> dict[st
         model = workdir / "bench.gguf"
         model.write_bytes(b"GGUF" + bytes(28))  # any existing file: the fake never reads it
         async with aiohttp.ClientSession() as session:
-            for speed in SPEEDS:
+            for speed in plan.speeds:
                 report(f"{_speed(speed)} per stream")
                 speed_rows, error = await run_speed(session, speed, plan, keys, workdir, model, report)
                 rows += speed_rows
                 if error:
                     router_errors.append(error)
+        from scenarios import run_scenarios  # imports this module: only once it is loaded
+
+        scenario_rows = await run_scenarios(scenario_names, quick, keys, workdir, report)
     add_ratios(rows)
     return {
         "meta": {
             "quick": quick, "plan": asdict(plan),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
             "python": platform.python_version(), "platform": platform.platform(),
+            "loop": eventloop.loop_name(), "load_average": os.getloadavg(),
         },
+        "scenarios": scenario_rows,
         "router_errors": router_errors,
         "rows": rows,
         "budget": budget_checks(rows),
@@ -434,7 +444,9 @@ async def run(plan: Plan, quick: bool, report: Callable[[str], None]) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="shorter windows: about 1.5 minutes instead of 4")
+    parser.add_argument("--quick", action="store_true", help="64 × 50/s only, short windows: under 2 minutes")
+    parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES),
+                        help=f"comma-separated, of {','.join(SCENARIO_NAMES)} (default all; '' for none)")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
@@ -442,10 +454,19 @@ def main() -> None:
     def report(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    result = asyncio.run(run(plan, args.quick, report))
+    names = [n for n in args.scenarios.split(",") if n]
+    result = eventloop.run(run(plan, args.quick, report, names))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    meta = result["meta"]
+    print(f"Auxot benchmark, {meta['time']}: {meta['cpus']} CPUs, {meta['platform']}, Python {meta['python']}, "
+          f"{meta['loop']}; load average before: {', '.join(f'{x:.1f}' for x in meta['load_average'])}\n")
     print(markdown(result["rows"]))
+    if result["scenarios"]:
+        from scenarios import markdown as scenarios_markdown
+
+        print()
+        print(scenarios_markdown(result["scenarios"]))
     if result["budget"]:
         print()
         print(checks_markdown(result["budget"]))

@@ -93,7 +93,9 @@ FULL_MESSAGES: list[Any] = [
     ),
     Error(error="boom", job_id="chatcmpl-1", details="more", status=400, retryable=True),
     PromptProgress(job_id="chatcmpl-1", total=100, cached=20, processed=50),
-    HelloAck(success=True, gpu_id="9f0c", policy=FULL_POLICY, error="none", retryable=True, retry_after=2.5),
+    HelloAck(
+        success=True, gpu_id="9f0c", policy=FULL_POLICY, error="none", retryable=True, retry_after=2.5, batch=True
+    ),
     HeartbeatAck(),
     ConfigAck(success=False, error="bad capabilities"),
     Job(

@@ -1,0 +1,151 @@
+"""Batch frames (``auxot_common.protocol`` ``batch``) and the worker's sender that builds them
+(``auxot_common.sendbatch.FrameBatcher``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from auxot_common import protocol as proto
+from auxot_common.sendbatch import FrameBatcher
+
+
+def test_batch_frame_round_trip_keeps_every_message_in_order() -> None:
+    messages: list[proto.Message] = [
+        proto.Token(job_id="a", token=" tok"),
+        proto.Token(job_id="b", token=" think", reasoning=True),
+        proto.ToolCallDelta(job_id="c", tool_calls=[{"index": 0, "function": {"arguments": "{"}}]),
+        proto.Complete(job_id="a", full_response="x", finish_reason="length", output_tokens=3),
+        proto.Heartbeat(),
+    ]
+    frame = proto.encode_batch([proto.encode(m) for m in messages])
+    decoded = proto.decode(frame)
+    assert isinstance(decoded, proto.Batch)
+    assert decoded.messages == messages
+    assert proto.decode(proto.encode(decoded)) == decoded  # encode() of a Batch is the same frame
+    assert orjson.loads(frame)["type"] == "batch"
+
+
+def test_a_batch_of_one_is_the_plain_message() -> None:
+    payload = proto.encode(proto.Token(job_id="a", token=" tok"))
+    assert proto.encode_batch([payload]) == payload
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b'{"type":"batch","messages":{"type":"heartbeat"}}',
+        b'{"type":"batch"}',
+        b'{"type":"batch","messages":[{"type":"batch","messages":[]}]}',
+        b'{"type":"batch","messages":[{"type":"token","job_id":1,"token":"x"}]}',
+        b'{"type":"batch","messages":["heartbeat"]}',
+        b'{"type":"batch","messages":[{"type":"nope"}]}',
+    ],
+)
+def test_malformed_batches_are_protocol_errors(frame: bytes) -> None:
+    with pytest.raises(proto.ProtocolError):
+        proto.decode(frame)
+
+
+def test_hello_ack_announces_batch_support_only_when_set() -> None:
+    assert "batch" not in orjson.loads(proto.encode(proto.HelloAck(success=True)))
+    ack = proto.decode(proto.encode(proto.HelloAck(success=True, batch=True)))
+    assert isinstance(ack, proto.HelloAck) and ack.batch
+    old_router = proto.decode(b'{"type":"hello_ack","success":true,"gpu_id":"g"}')  # a Go router
+    assert isinstance(old_router, proto.HelloAck) and not old_router.batch
+
+
+class Socket:
+    """Records frames; can fail or stall its writes."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.fail: Exception | None = None
+        self.gate: asyncio.Event | None = None
+
+    async def write(self, frame: bytes) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        self.frames.append(frame)
+
+    def messages(self) -> list[proto.Message]:
+        out: list[proto.Message] = []
+        for frame in self.frames:
+            message = proto.decode(frame)
+            out.extend(message.messages if isinstance(message, proto.Batch) else [message])
+        return out
+
+
+def token(job: str, text: str = " tok") -> bytes:
+    return proto.encode(proto.Token(job_id=job, token=text))
+
+
+async def test_messages_ready_in_one_loop_turn_share_one_frame() -> None:
+    sock = Socket()
+    batcher = FrameBatcher(sock.write)
+    await asyncio.gather(*(batcher.send(token(f"job{i}")) for i in range(32)))
+    assert len(sock.frames) == 1
+    assert [m.job_id for m in sock.messages()] == [f"job{i}" for i in range(32)]  # type: ignore[union-attr]
+    assert (batcher.frames, batcher.messages) == (1, 32)
+
+
+async def test_one_job_alone_sends_plain_frames_in_order() -> None:
+    sock = Socket()
+    batcher = FrameBatcher(sock.write)
+    for text in ("a", "b", "c"):
+        await batcher.send(token("only", text))
+    assert [orjson.loads(f)["type"] for f in sock.frames] == ["token"] * 3  # a Go-style frame each
+    assert [m.token for m in sock.messages()] == ["a", "b", "c"]  # type: ignore[union-attr]
+
+
+async def test_batches_split_at_the_frame_limit_and_keep_order() -> None:
+    sock = Socket()
+    batcher = FrameBatcher(sock.write, max_frame_bytes=200)
+    big = proto.encode(proto.Complete(job_id="big", full_response="x" * 500))
+    payloads = [token("a"), token("b"), big, token("c")]
+    await asyncio.gather(*(batcher.send(p) for p in payloads))
+    assert len(sock.frames) == 3  # [a, b] | big alone | [c]
+    assert sock.frames[1] == big
+    assert [m.job_id for m in sock.messages()] == ["a", "b", "big", "c"]  # type: ignore[union-attr]
+
+
+async def test_a_failed_write_raises_in_every_sender_of_the_batch() -> None:
+    sock = Socket()
+    sock.fail = ConnectionResetError("gone")
+    batcher = FrameBatcher(sock.write)
+    results = await asyncio.gather(*(batcher.send(token(f"j{i}")) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, ConnectionResetError) for r in results)
+    sock.fail = None
+    await batcher.send(token("after"))  # the batcher is usable again
+    assert [m.job_id for m in sock.messages()] == ["after"]  # type: ignore[union-attr]
+
+
+async def test_a_cancelled_first_sender_does_not_strand_the_others() -> None:
+    sock = Socket()
+    batcher = FrameBatcher(sock.write)
+    first = asyncio.ensure_future(batcher.send(token("first")))
+    await asyncio.sleep(0)  # first is now waiting for the turn to end
+    second = asyncio.ensure_future(batcher.send(token("second")))
+    first.cancel()
+    await second
+    await batcher.close()
+    assert {m.job_id for m in sock.messages()} == {"first", "second"}  # type: ignore[union-attr]
+    assert first.cancelled()
+
+
+async def test_senders_wait_for_a_slow_write_and_the_next_turn_starts_a_new_batch() -> None:
+    sock = Socket()
+    sock.gate = asyncio.Event()
+    batcher = FrameBatcher(sock.write)
+    early = [asyncio.ensure_future(batcher.send(token(f"e{i}"))) for i in range(2)]
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in early)  # back-pressure: nothing returns before the write
+    late = asyncio.ensure_future(batcher.send(token("late")))
+    sock.gate.set()
+    await asyncio.gather(*early, late)
+    assert len(sock.frames) == 2
+    assert [m.job_id for m in sock.messages()] == ["e0", "e1", "late"]  # type: ignore[union-attr]
