@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import WSMsgType, web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
@@ -130,6 +130,7 @@ class RouterConfig:
     auth_cache_ttl: float = 300.0
     redis_url: str = ""
     redis_prefix: str = "auxot:"
+    redis_max_connections: int = 256
     registry_file: str = ""
     max_body_bytes: int = 64 * 1024 * 1024
     max_ws_message_bytes: int = 64 * 1024 * 1024
@@ -199,6 +200,7 @@ class RouterConfig:
             auth_cache_ttl=read.duration("AUXOT_AUTH_CACHE_TTL", 300.0),
             redis_url=read.text("AUXOT_REDIS_URL", ""),
             redis_prefix=read.text("AUXOT_REDIS_PREFIX", "auxot:"),
+            redis_max_connections=read.integer("AUXOT_REDIS_MAX_CONNECTIONS", 256, minimum=8, maximum=100_000),
             registry_file=read.text("AUXOT_REGISTRY_FILE", ""),
             max_body_bytes=max_body,
             # a job is the body plus a little: by default every body that fits becomes a job that fits
@@ -2664,7 +2666,7 @@ def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Applicat
     """Build the application. ``redis`` overrides the store (tests); by default the embedded one
     or ``AUXOT_REDIS_URL``."""
     if redis is None:
-        redis, server_blocking = connect_redis(config.redis_url)
+        redis, server_blocking = connect_redis(config.redis_url, config.redis_max_connections)
     else:
         server_blocking = not type(redis).__module__.startswith("fakeredis")
     app = web.Application(
@@ -2685,22 +2687,39 @@ def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Applicat
     return app
 
 
-def connect_redis(url: str) -> tuple[Redis, bool]:
-    """The external Redis at ``url``, or the embedded in-process store when ``url`` is empty."""
+REDIS_MAX_CONNECTIONS = 256
+
+
+def connect_redis(url: str, max_connections: int = REDIS_MAX_CONNECTIONS) -> tuple[Redis, bool]:
+    """The external Redis at ``url``, or the embedded in-process store when ``url`` is empty.
+
+    Both use a *blocking* connection pool: redis-py's default pool raises MaxConnectionsError past
+    100 connections, which turned a burst of a few hundred requests into 503s; a blocking pool
+    makes the burst wait its turn for a connection instead (AUXOT_REDIS_MAX_CONNECTIONS).
+    """
     if not url:
         import fakeredis
+        from fakeredis.aioredis import FakeAsyncRedisConnection
 
-        return fakeredis.FakeAsyncRedis(), False
+        pool = BlockingConnectionPool(
+            connection_class=FakeAsyncRedisConnection,
+            server=fakeredis.FakeServer(),
+            max_connections=max_connections,
+            timeout=None,
+        )
+        return fakeredis.FakeAsyncRedis(connection_pool=pool), False
     # from_url gives connections no retry: after a Redis restart each pooled connection would fail
     # one request. A short, bounded retry reconnects them; a Redis that is down still fails fast.
-    client: Redis = Redis.from_url(
+    real_pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=10,
         socket_connect_timeout=3,
         socket_timeout=10,
         health_check_interval=15,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3),
     )
-    return client, True
+    return Redis(connection_pool=real_pool), True
 
 
 # === Command line =================================================================================

@@ -297,3 +297,37 @@ def test_message_start_reports_the_prompt_size_before_the_first_token(cluster: C
     prompt_at_start = start["input_tokens"] + start["cache_read_input_tokens"]
     assert prompt_at_start > 0
     assert prompt_at_start == final["input_tokens"] + final["cache_read_input_tokens"]
+
+
+async def test_a_burst_larger_than_the_redis_pool_waits_instead_of_failing() -> None:
+    """redis-py's default pool raises past 100 connections: a burst of a few hundred requests was
+    a wall of 503s. The router's pool makes them wait their turn (embedded store here)."""
+    from auxot_router import connect_redis
+
+    redis, _ = connect_redis("", max_connections=16)
+    results = await asyncio.gather(*(redis.xadd("burst", {"n": i}) for i in range(1000)), return_exceptions=True)
+    assert [r for r in results if isinstance(r, Exception)] == []
+    assert await redis.xlen("burst") == 1000
+
+
+def test_hundreds_of_concurrent_requests_all_get_answers(fake_cluster: Cluster) -> None:
+    """A burst of 300 concurrent requests through real processes: every one is answered (none
+    is turned away by the router's own Redis connection pool)."""
+    router = fake_cluster.router(AUXOT_MAX_PARALLEL="32")
+    fake_cluster.worker(router, FAKE_LLAMA_TOKENS_PER_SEC="0")
+
+    async def burst() -> list[int]:
+        body = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def one() -> int:
+                async with session.post(
+                    f"{router.url}/v1/chat/completions", json=body, headers=router.headers()
+                ) as response:
+                    await response.read()
+                    return response.status
+
+            return await asyncio.gather(*(one() for _ in range(300)))
+
+    statuses = asyncio.run(burst())
+    assert statuses.count(200) == 300, sorted(set(statuses))
