@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
@@ -10,6 +12,7 @@ from auxot_common.autoroute import (
     AutoConfig,
     AutoRouteError,
     Candidate,
+    Choice,
     ClassifierPrompt,
     ConfigError,
     ModelProfile,
@@ -30,16 +33,16 @@ EYES = Candidate("eyes", context=8192, capabilities=frozenset({"chat", "vision"}
 NAMES = ["small", "big", "eyes"]
 
 
-def user(text: str) -> list[dict[str, object]]:
+def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
 
-def run(coro):  # type: ignore[no-untyped-def]
+def run(coro: Coroutine[Any, Any, Choice]) -> Choice:
     return asyncio.run(coro)
 
 
 def test_traits_estimate_prompt_tools_images_and_thinking() -> None:
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {}}]},
     ]
@@ -195,8 +198,6 @@ def test_classify_falls_back_to_rules_on_timeout_error_and_nonsense() -> None:
 
 
 def test_header_reason_is_one_printable_bounded_line() -> None:
-    from auxot_common.autoroute import Choice
-
     reason = Choice("m", "a\nb—c" + "x" * 1000).header_reason
     assert "\n" not in reason and reason.isascii() and len(reason) <= 300
 
