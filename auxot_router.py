@@ -46,7 +46,19 @@ from auxot_common.auth import (
     hash_key,
     parse_hashes,
 )
+from auxot_common.embeddings import embeddings_body, parse_embeddings_request
 from auxot_common.logs import redact_url, setup_logging
+from auxot_common.models import (
+    CatalogError,
+    ModelCatalog,
+    ModelSettings,
+    ModelSpec,
+    PoolDemand,
+    WorkerState,
+    assign_model,
+    load_catalog,
+    plan_move,
+)
 from auxot_common.openai_api import (
     KEEPALIVE,
     ChatRequest,
@@ -57,12 +69,11 @@ from auxot_common.openai_api import (
     completion_body,
     error_body,
     model_object,
-    models_list,
     parse_chat_request,
     parse_completion_request,
 )
 from auxot_common.queue import RelayPublisher, StreamQueue
-from auxot_common.registry import ModelResolution, RegistryError, load_registry, resolve_model
+from auxot_common.registry import ModelResolution, Registry, RegistryError, load_registry, resolve_model
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 
 VERSION = "0.1.0"
@@ -103,6 +114,11 @@ class RouterConfig:
     shutdown_grace: float = 30.0
     hello_timeout: float = 5.0
     sweep_interval: float = 15.0
+    models: str = ""  # AUXOT_MODELS: comma-separated, the first is the default
+    models_file: str = ""  # AUXOT_MODELS_FILE: TOML, wins over AUXOT_MODELS and AUXOT_MODEL
+    move_cooldown: float = 600.0  # a worker is not moved again within this long
+    demand_persist: float = 30.0  # a model waits this long with jobs and no worker before a move
+    balance_interval: float = 5.0  # how often moves are considered and the models file is checked
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> RouterConfig:
@@ -144,6 +160,11 @@ class RouterConfig:
             shutdown_grace=read.duration("AUXOT_SHUTDOWN_GRACE", 30.0),
             hello_timeout=read.duration("AUXOT_HELLO_TIMEOUT", 5.0, minimum=0.1),
             sweep_interval=read.duration("AUXOT_SWEEP_INTERVAL", 15.0, minimum=0.05),
+            models=read.text("AUXOT_MODELS", ""),
+            models_file=read.text("AUXOT_MODELS_FILE", ""),
+            move_cooldown=read.duration("AUXOT_MOVE_COOLDOWN", 600.0),
+            demand_persist=read.duration("AUXOT_DEMAND_PERSIST", 30.0),
+            balance_interval=read.duration("AUXOT_BALANCE_INTERVAL", 5.0, minimum=0.05),
         )
 
     def resolve(self, *, vram_total_gb: float = 0.0, vram_free_gb: float = 0.0) -> ModelResolution:
@@ -161,9 +182,33 @@ class RouterConfig:
         except (RegistryError, OSError, ValueError) as exc:
             raise ConfigError(str(exc)) from None
 
+    def load_catalog(self) -> tuple[Registry, ModelCatalog]:
+        """The registry and the models to serve (AUXOT_MODELS_FILE, AUXOT_MODELS or AUXOT_MODEL);
+        raises ConfigError with a one-line reason or a did-you-mean."""
+        try:
+            registry = load_registry(self.registry_file or None)
+            catalog = load_catalog(
+                registry,
+                model=self.model,
+                models=self.models,
+                models_file=self.models_file,
+                defaults=ModelSettings(
+                    registry=self.model,
+                    quantization=self.quantization,
+                    ctx_size=self.ctx_size,
+                    parallel=self.max_parallel,
+                ),
+            )
+        except (RegistryError, CatalogError, OSError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+        return registry, catalog
 
-def policy_from(resolution: ModelResolution) -> proto.Policy:
+
+def policy_from(resolution: ModelResolution, spec: ModelSpec | None = None) -> proto.Policy:
+    embedding = spec is not None and spec.embedding
     return proto.Policy(
+        embedding=embedding,
+        pooling=spec.pooling if spec is not None and embedding else "",
         model_name=resolution.model_name,
         quantization=resolution.quantization,
         context_size=resolution.context_size,
@@ -198,6 +243,12 @@ class WorkerConnection:
     running: dict[str, RunningJob] = field(default_factory=dict)
     side_jobs: set[str] = field(default_factory=set)  # slot-free jobs (tokenize) awaiting an answer
     connected_at: float = field(default_factory=time.time)
+    model: str = ""  # the canonical name of the model (pool) it serves
+    requested_model: str = ""  # what it asked for (--model); such a worker is never moved
+    movable: bool = False  # asked for nothing and reports the model it runs (Capabilities.policy_model)
+    assigned_at: float = field(default_factory=time.monotonic)  # its last assignment or move
+    moving_to: str = ""  # sent a policy_update for this model; joins its pool when it reports it
+    fits: frozenset[str] = frozenset()  # models whose quantization fits its VRAM
 
     @property
     def free(self) -> int:
@@ -212,6 +263,7 @@ class WorkerConnection:
             "id": self.worker_id,
             "instance": instance_id,
             "model": caps.model,
+            "served_model": self.model,
             "backend": caps.backend,
             "ctx_size": caps.ctx_size,
             "total_slots": self.slots,
@@ -222,27 +274,101 @@ class WorkerConnection:
         }
 
 
-class WorkerPool:
-    """The workers connected to this instance; wakes the dispatcher when capacity appears."""
+Backlog = deque[tuple[str, proto.Job]]  # (stream entry id, job); the `keys` fair backlog has this interface
 
-    def __init__(self) -> None:
+
+@dataclass(slots=True)
+class PoolStats:
+    """Throughput of one model's pool on this instance, since start."""
+
+    jobs_completed: int = 0
+    jobs_failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class ModelPool:
+    """The workers serving one model on this instance, its backlog, its dispatcher and stats.
+
+    Worker choice goes through :meth:`pick` alone (least busy today; cache-aware routing replaces
+    its body and gets told about dispatches, completions and departures by the ``on_*`` hooks).
+    The backlog holds jobs read from the model's stream that no worker took yet: an object with
+    ``append``, ``appendleft``, ``popleft`` and ``len`` (a deque today).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
         self.workers: dict[str, WorkerConnection] = {}
+        self.backlog: Backlog = deque()
         self.capacity_changed = asyncio.Event()
+        self.dispatcher: asyncio.Task[None] | None = None
+        self.stats = PoolStats()
+        self.starving_since: float | None = None  # waiting jobs and no worker since (monotonic)
 
-    def add(self, worker: WorkerConnection) -> None:
-        self.workers[worker.worker_id] = worker
-        self.capacity_changed.set()
-
-    def remove(self, worker: WorkerConnection) -> None:
-        self.workers.pop(worker.worker_id, None)
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     def total_free(self) -> int:
         return sum(max(w.free, 0) for w in self.workers.values())
 
-    def least_busy(self) -> WorkerConnection | None:
+    def pick(self, job: proto.Job) -> WorkerConnection | None:
+        """The worker to run ``job``, or None when none has a free slot (least busy)."""
         open_workers = (w for w in self.workers.values() if not w.ws.closed)
         best = max(open_workers, key=lambda w: (w.free, -len(w.running)), default=None)
         return best if best is not None and best.free > 0 else None
+
+    def on_dispatch(self, worker: WorkerConnection, job: proto.Job) -> None:
+        """``job`` went to ``worker`` (a hook for the choice policy)."""
+
+    def on_complete(self, worker: WorkerConnection, job: proto.Job, message: proto.Complete | proto.Error) -> None:
+        """``job`` finished on ``worker``."""
+        if isinstance(message, proto.Complete):
+            self.stats.jobs_completed += 1
+            self.stats.input_tokens += message.input_tokens
+            self.stats.output_tokens += message.output_tokens
+        else:
+            self.stats.jobs_failed += 1
+
+    def on_worker_gone(self, worker: WorkerConnection) -> None:
+        """``worker`` left this pool (disconnected or moved to another model)."""
+
+
+class WorkerPool:
+    """The workers connected to this instance, in one :class:`ModelPool` per configured model."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, ModelPool] = {}
+        self.workers: dict[str, WorkerConnection] = {}  # every worker of every pool
+
+    def pool(self, model: str) -> ModelPool | None:
+        return self.pools.get(model)
+
+    def add(self, worker: WorkerConnection, model: str) -> None:
+        pool = self.pools[model]
+        worker.model = model
+        self.workers[worker.worker_id] = worker
+        pool.workers[worker.worker_id] = worker
+        pool.capacity_changed.set()
+
+    def remove(self, worker: WorkerConnection) -> None:
+        self.workers.pop(worker.worker_id, None)
+        pool = self.pools.get(worker.model)
+        if pool is not None and pool.workers.pop(worker.worker_id, None) is not None:
+            pool.on_worker_gone(worker)
+
+    def move(self, worker: WorkerConnection, model: str) -> None:
+        """``worker`` now serves ``model`` (its running jobs stay with it until they finish)."""
+        old = self.pools.get(worker.model)
+        if old is not None and old.workers.pop(worker.worker_id, None) is not None:
+            old.on_worker_gone(worker)
+        worker.model = model
+        pool = self.pools[model]
+        pool.workers[worker.worker_id] = worker
+        pool.capacity_changed.set()
+
+    def total_free(self) -> int:
+        return sum(pool.total_free() for pool in self.pools.values())
 
     def find_job(self, job_id: str) -> tuple[WorkerConnection, RunningJob] | None:
         for worker in self.workers.values():
@@ -292,6 +418,16 @@ class QueueFullError(Exception):
     """More jobs are waiting than ``AUXOT_MAX_QUEUE`` allows."""
 
 
+class ModelNotFoundError(Exception):
+    """A request names a model that is not configured, and there is no default model."""
+
+    def __init__(self, requested: str, configured: list[str]) -> None:
+        super().__init__(
+            f"The model `{requested}` does not exist or you do not have access to it. "
+            f"Models served here: {', '.join(configured)}"
+        )
+
+
 @dataclass(slots=True, eq=False)
 class JobHandle:
     job: proto.Job
@@ -319,7 +455,7 @@ class JobTracker:
 
     async def submit(self, job: proto.Job) -> JobHandle:
         router = self._router
-        if await router.queue.depth() >= router.config.max_queue:
+        if await router.queue.depth(job.model) >= router.config.max_queue:
             raise QueueFullError
         now = time.time()
         job.reply_to = router.instance_id
@@ -438,38 +574,83 @@ class Router:
         self.api_keys = KeyVerifier(config.api_key_hashes, cache_ttl=config.auth_cache_ttl)
         self.admin_keys = KeyVerifier(config.admin_key_hashes, cache_ttl=config.auth_cache_ttl)
         self.auth_failures = FailureLimiter()
-        self.resolution = config.resolve()
-        self.policy = policy_from(self.resolution)
-        self.model_name = self.resolution.model_name
-        self.backlog: deque[tuple[str, proto.Job]] = deque()
+        self.registry, self.catalog = config.load_catalog()
+        self.queue.single_stream = self.single_model
+        self._set_default()
+        for spec in self.catalog.specs:
+            self.pool.pools[spec.name] = ModelPool(spec)
         self.draining = False
-        self.unacked: list[str] = []  # finished entries whose XACK failed (Redis away)
+        self.running = False  # dispatchers are started (background_tasks) and new pools get one
+        self.unacked: list[tuple[str, str]] = []  # (model, entry) finished, but XACK failed (Redis away)
         self.in_flight = 0
         self.started = int(time.time())
+        self.models_file_mtime = self._models_file_mtime()
+        self.depths: dict[str, int] = {}  # queue depth per model, refreshed by the balancer
+
+    def _set_default(self) -> None:
+        """``resolution``, ``policy`` and ``model_name`` describe the default model (or the first),
+        as they did when the router served one model."""
+        spec = self.catalog.default or self.catalog.specs[0]
+        self.resolution = spec.resolution
+        self.policy = policy_from(spec.resolution, spec)
+        self.model_name = spec.name
+
+    @property
+    def single_model(self) -> bool:
+        """Configured with AUXOT_MODEL alone: responses echo the request's model, as before."""
+        return self.catalog.source == "AUXOT_MODEL"
+
+    def _models_file_mtime(self) -> float:
+        try:
+            return os.stat(self.config.models_file).st_mtime if self.config.models_file else 0.0
+        except OSError:
+            return 0.0
 
     # --- dispatch -------------------------------------------------------------------------------
 
-    async def dispatch_forever(self) -> None:
-        """Read as many jobs as local workers have free slots and hand each to the least busy."""
+    def start_dispatchers(self) -> None:
+        self.running = True
+        for pool in self.pool.pools.values():
+            if pool.dispatcher is None:
+                pool.dispatcher = asyncio.create_task(self.dispatch_forever(pool), name=f"dispatch-{pool.name}")
+
+    async def stop_dispatchers(self) -> None:
+        self.running = False
+        tasks = [p.dispatcher for p in self.pool.pools.values() if p.dispatcher is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for pool in self.pool.pools.values():
+            pool.dispatcher = None
+
+    async def dispatch_forever(self, pool: ModelPool) -> None:
+        """Read as many jobs of the pool's model as its workers have free slots, and hand each
+        to the worker :meth:`ModelPool.pick` chooses."""
+        model = pool.name
         while True:
-            free = self.pool.total_free()
+            free = pool.total_free()
             if (self.draining and self.queue.shared) or free <= 0:
-                self.pool.capacity_changed.clear()
+                pool.capacity_changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.pool.capacity_changed.wait(), 1.0)
+                    await asyncio.wait_for(pool.capacity_changed.wait(), 1.0)
                 continue
-            if self.backlog:
-                await self._dispatch_backlog()
+            if pool.backlog:
+                if await self._dispatch_backlog(pool):
+                    continue
+                # jobs wait that no worker takes now (a choice policy may hold one back)
+                pool.capacity_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(pool.capacity_changed.wait(), 0.05)
                 continue
             try:
-                entries = await self.queue.read_jobs(free, timeout=1.0)
+                entries = await self.queue.read_jobs(free, timeout=1.0, model=model)
             except RedisError as exc:
-                log.error("reading jobs failed", extra={"error": str(exc)})
+                log.error("reading jobs failed", extra={"error": str(exc), "model": model})
                 await asyncio.sleep(1.0)
                 continue
-            await self._accept(entries)
+            await self._accept(pool, entries)
 
-    async def _accept(self, entries: list[tuple[str, proto.Job | None]]) -> None:
+    async def _accept(self, pool: ModelPool, entries: list[tuple[str, proto.Job | None]]) -> None:
         drop: list[str] = []
         jobs: list[tuple[str, proto.Job]] = []
         for entry_id, job in entries:
@@ -493,17 +674,21 @@ class Router:
             if gone or (job.deadline and job.deadline < now):
                 drop.append(entry_id)
             else:
-                self.backlog.append((entry_id, job))
+                job.model = pool.name  # a job from the stream of this model is this model's
+                pool.backlog.append((entry_id, job))
         if drop:
-            await self.ack(drop)
-        await self._dispatch_backlog()
+            await self.ack(drop, pool.name)
+        await self._dispatch_backlog(pool)
 
-    async def _dispatch_backlog(self) -> None:
-        while self.backlog:
-            worker = self.pool.least_busy()
+    async def _dispatch_backlog(self, pool: ModelPool) -> bool:
+        """Hand backlog jobs to workers while some can take one; True if any was dispatched."""
+        dispatched = False
+        while pool.backlog:
+            entry_id, job = pool.backlog.popleft()
+            worker = pool.pick(job)
             if worker is None:
-                return
-            entry_id, job = self.backlog.popleft()
+                pool.backlog.appendleft((entry_id, job))
+                return dispatched
             worker.running[job.job_id] = RunningJob(entry_id, job)
             try:
                 await worker.send(job)
@@ -512,10 +697,13 @@ class Router:
                 # (the handler's cleanup hands its other jobs back), keep the job for another
                 worker.running.pop(job.job_id, None)
                 self.pool.remove(worker)
-                self.backlog.appendleft((entry_id, job))
+                pool.backlog.appendleft((entry_id, job))
                 continue
-            log.debug("job dispatched", extra={"job_id": job.job_id, "worker_id": worker.worker_id})
+            dispatched = True
+            pool.on_dispatch(worker, job)
+            log.debug("job dispatched", extra={"job_id": job.job_id, "worker_id": worker.worker_id, "model": pool.name})
             self.route(job.reply_to, proto.Dispatched(job.job_id, worker.worker_id, self.instance_id))
+        return dispatched
 
     # --- routing job events to their owner ------------------------------------------------------
 
@@ -538,12 +726,15 @@ class Router:
         elif isinstance(message, proto.Complete | proto.Error) and message.job_id:
             running = worker.running.pop(message.job_id, None)
             if running is not None:
-                self.pool.capacity_changed.set()
+                pool = self.pool.pool(running.job.model) or self.pool.pool(worker.model)
+                if pool is not None:
+                    pool.on_complete(worker, running.job, message)
+                self._capacity_changed(worker)
                 if isinstance(message, proto.Error) and message.retryable:  # e.g. its llama-server died
                     self.route(running.job.reply_to, proto.WorkerLost(message.job_id, message.error))
                 else:
                     self.route(running.job.reply_to, message, raw)
-                await self.ack([running.entry_id])
+                await self.ack([running.entry_id], running.job.model)
         elif isinstance(message, proto.Heartbeat):
             await worker.send(proto.HeartbeatAck())
             try:  # a Redis outage must not drop a worker whose tokens need no Redis
@@ -553,36 +744,59 @@ class Router:
                 log.warning("could not record a heartbeat", extra={"worker_id": worker.worker_id, "error": str(exc)})
         elif isinstance(message, proto.Config):
             worker.capabilities = message.capabilities
+            serving = message.capabilities.policy_model
+            if serving and serving != worker.model and self.pool.pool(serving) is not None:
+                # a moved worker reports its new model once its llama-server runs it
+                log.info("worker moved", extra={"worker_id": worker.worker_id, "from": worker.model, "to": serving})
+                self.pool.move(worker, serving)
+                worker.assigned_at = time.monotonic()
+            if worker.moving_to == serving:
+                worker.moving_to = ""
+            elif worker.moving_to and serving and serving == worker.model:
+                # it answered the policy_update with its old model (--model-path pins a file)
+                log.warning("worker refused a move", extra={"worker_id": worker.worker_id, "model": serving})
+                worker.moving_to, worker.movable = "", False
             if message.capabilities.draining:
                 worker.slots = 0
             elif message.capabilities.total_slots > 0:
                 worker.slots = message.capabilities.total_slots
-                self.pool.capacity_changed.set()
+                self._capacity_changed(worker)
             await worker.send(proto.ConfigAck(success=True))
         elif isinstance(message, proto.Error):
             log.warning("worker reported an error", extra={"worker_id": worker.worker_id, "error": message.error})
         else:
             log.warning("unexpected message from worker", extra={"worker_id": worker.worker_id, "type": message.type})
 
-    async def ack(self, entry_ids: list[str]) -> None:
-        """Finish queue entries; if Redis is away, remember them and try again later."""
-        try:
-            await self.queue.ack(self.unacked + entry_ids)
-            self.unacked = []
-        except RedisError as exc:
-            self.unacked.extend(entry_ids)
-            log.warning(
-                "could not acknowledge jobs; will retry", extra={"entries": len(self.unacked), "error": str(exc)}
-            )
+    def _capacity_changed(self, worker: WorkerConnection) -> None:
+        pool = self.pool.pool(worker.model)
+        if pool is not None:
+            pool.capacity_changed.set()
+
+    async def ack(self, entry_ids: list[str], model: str) -> None:
+        """Finish queue entries of ``model``'s stream; if Redis is away, remember them and try
+        again later."""
+        todo = self.unacked + [(model, entry_id) for entry_id in entry_ids]
+        by_model: dict[str, list[str]] = {}
+        for name, entry_id in todo:
+            by_model.setdefault(name, []).append(entry_id)
+        self.unacked = []
+        for name, ids in by_model.items():
+            try:
+                await self.queue.ack(ids, name)
+            except RedisError as exc:
+                self.unacked.extend((name, entry_id) for entry_id in ids)
+                log.warning(
+                    "could not acknowledge jobs; will retry", extra={"entries": len(self.unacked), "error": str(exc)}
+                )
 
     async def _stop_on_worker(self, worker: WorkerConnection, job_id: str) -> None:
         running = worker.running.pop(job_id, None)
         if running is None:
             return
-        self.pool.capacity_changed.set()
+        self._capacity_changed(worker)
         with contextlib.suppress(ConnectionError, RuntimeError):
             await worker.send(proto.Cancel(job_id))
-        await self.ack([running.entry_id])
+        await self.ack([running.entry_id], running.job.model)
 
     async def worker_gone(self, worker: WorkerConnection, reason: str) -> None:
         """A worker's socket closed: its running jobs go back to their owners to retry or fail."""
@@ -591,7 +805,8 @@ class Router:
         worker.running.clear()
         with contextlib.suppress(RedisError):
             await self.queue.drop_worker(worker.worker_id)
-        await self.ack([r.entry_id for r in lost])
+        for running in lost:
+            await self.ack([running.entry_id], running.job.model)
         for running in lost:
             self.route(running.job.reply_to, proto.WorkerLost(running.job.job_id, reason))
         if lost:
@@ -627,11 +842,12 @@ class Router:
             self.relay.send(message.instance_id, proto.encode(proto.Cancel(message.job_id)))
 
     async def reload(self, env: dict[str, str]) -> None:
-        """SIGHUP: re-read the model settings and send workers whose policy changed a
-        ``policy_update`` (they download, restart llama-server and re-announce their slots)."""
+        """SIGHUP or a changed models file: re-read the model settings; workers whose policy
+        changed get a ``policy_update`` (they download, restart llama-server and re-announce
+        their slots); pools of models no longer configured hand their workers to the others."""
         try:
             fresh = RouterConfig.from_env(env)
-            resolution = fresh.resolve()
+            registry, catalog = fresh.load_catalog()
         except ConfigError as exc:
             log.error("reload refused: the new configuration is invalid", extra={"error": str(exc)})
             return
@@ -642,28 +858,150 @@ class Router:
             fresh.max_parallel,
             fresh.registry_file,
         )
-        self.resolution, self.policy, self.model_name = resolution, policy_from(resolution), resolution.model_name
-        log.info("configuration reloaded", extra={"model": self.model_name, "parallel": config.max_parallel})
+        config.models, config.models_file = fresh.models, fresh.models_file
+        self.registry, self.catalog = registry, catalog
+        self.queue.single_stream = self.single_model
+        self.models_file_mtime = self._models_file_mtime()
+        self._set_default()
+        removed = [pool for name, pool in self.pool.pools.items() if catalog.get(name) is None]
+        for spec in catalog.specs:
+            pool = self.pool.pools.get(spec.name)
+            if pool is None:
+                pool = self.pool.pools[spec.name] = ModelPool(spec)
+                if self.running:
+                    pool.dispatcher = asyncio.create_task(self.dispatch_forever(pool), name=f"dispatch-{spec.name}")
+            pool.spec = spec
+        log.info("configuration reloaded", extra={"models": catalog.names, "default": self.model_name})
+        for pool in removed:
+            await self._retire(pool)
         for worker in list(self.pool.workers.values()):
-            policy = self.policy_for(worker.capabilities)
+            target = catalog.get(worker.moving_to or worker.model)
+            if target is None:
+                continue
+            worker.fits = self.fitting_models(worker.capabilities)
+            policy = self.policy_for(worker.capabilities, target)
             if policy != worker.policy:
-                worker.policy = policy
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await worker.send(proto.PolicyUpdate(policy=policy))
-                log.info("policy update sent", extra={"worker_id": worker.worker_id, "model": policy.model_name})
+                await self._send_policy(worker, policy)
 
-    def policy_for(self, caps: proto.Capabilities) -> proto.Policy:
-        """The policy for one worker: with AUXOT_QUANTIZATION=auto, the best quantization that
-        fits the VRAM it reported."""
-        if caps.vram_gb <= 0 or self.config.quantization.lower() not in ("", "auto"):
-            return self.policy
+    async def _retire(self, pool: ModelPool) -> None:
+        """A model left the catalog: its workers are assigned another; its jobs already read stay
+        in the backlog until they finish or time out elsewhere (its stream is still swept)."""
+        if pool.dispatcher is not None:
+            pool.dispatcher.cancel()
+        self.pool.pools.pop(pool.name, None)
+        for worker in list(pool.workers.values()):
+            target = self.assign(worker.capabilities, current="")
+            if target is None:
+                continue
+            # in no pool until it reports the new model (it still runs the old one); its running
+            # jobs stay with it
+            worker.model, worker.moving_to = "", target.name
+            worker.assigned_at = time.monotonic()
+            await self._send_policy(worker, self.policy_for(worker.capabilities, target))
+        for entry_id, job in pool.backlog:  # give them back to their callers to fail or retry
+            self.route(job.reply_to, proto.WorkerLost(job.job_id, f"the model {pool.name} is no longer served"))
+            await self.ack([entry_id], pool.name)
+        log.warning("model removed from the catalog", extra={"model": pool.name})
+
+    async def _send_policy(self, worker: WorkerConnection, policy: proto.Policy) -> None:
+        worker.policy = policy
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await worker.send(proto.PolicyUpdate(policy=policy))
+        log.info("policy update sent", extra={"worker_id": worker.worker_id, "model": policy.model_name})
+
+    def policy_for(self, caps: proto.Capabilities, spec: ModelSpec | None = None) -> proto.Policy:
+        """The policy for one worker serving ``spec`` (the default model when None): with
+        quantization ``auto``, the best quantization that fits the VRAM it reported."""
+        spec = spec or self.catalog.default or self.catalog.specs[0]
         try:
-            resolution = self.config.resolve(vram_free_gb=caps.vram_gb)
-        except ConfigError:
-            return self.policy
+            resolution = spec.resolve_for(self.registry, caps.vram_gb)
+        except RegistryError:
+            resolution = spec.resolution
         if resolution.warning:
             log.warning("model may not fit the worker", extra={"warning": resolution.warning, "vram_gb": caps.vram_gb})
-        return policy_from(resolution)
+        return policy_from(resolution, spec)
+
+    def fitting_models(self, caps: proto.Capabilities) -> frozenset[str]:
+        """The models whose chosen quantization fits the worker's VRAM (all when it is unknown)."""
+        fits = set()
+        for spec in self.catalog.specs:
+            try:
+                if caps.vram_gb <= 0 or not spec.resolve_for(self.registry, caps.vram_gb).warning:
+                    fits.add(spec.name)
+            except RegistryError:
+                continue
+        return frozenset(fits)
+
+    # --- which worker serves which model --------------------------------------------------------
+
+    def demand(self) -> list[PoolDemand]:
+        """Each model's pool as the assignment policy sees it (local workers, local backlog and
+        the last queue depth the balancer saw)."""
+        arriving: dict[str, int] = {}
+        for worker in self.pool.workers.values():
+            if worker.moving_to and worker.moving_to != worker.model:
+                arriving[worker.moving_to] = arriving.get(worker.moving_to, 0) + 1
+        out = []
+        for spec in self.catalog.specs:
+            pool = self.pool.pools[spec.name]
+            out.append(
+                PoolDemand(
+                    name=spec.name,
+                    workers=len(pool.workers) + arriving.get(spec.name, 0),
+                    waiting=len(pool.backlog) + self.depths.get(spec.name, 0),
+                    min_workers=spec.min_workers,
+                    max_workers=spec.max_workers,
+                    size_gb=spec.resolution.vram_gb,
+                    starving_since=pool.starving_since,
+                )
+            )
+        return out
+
+    def assign(self, caps: proto.Capabilities, *, current: str) -> ModelSpec | None:
+        fits = self.fitting_models(caps)
+        name = assign_model(self.demand(), lambda model: model in fits, current=current)
+        return self.catalog.get(name) if name else None
+
+    async def balance(self) -> None:
+        """One round of the balancer: refresh queue depths, note starving models, move at most
+        one idle worker to a model that has had waiting jobs and no worker for a while."""
+        depths = {}
+        for spec in self.catalog.specs:
+            depths[spec.name] = await self.queue.depth(spec.name)
+        self.depths = depths
+        now = time.monotonic()
+        for state in self.demand():
+            pool = self.pool.pools[state.name]
+            if state.workers == 0 and state.waiting > 0:
+                pool.starving_since = pool.starving_since if pool.starving_since is not None else now
+            else:
+                pool.starving_since = None
+        states = [
+            WorkerState(
+                worker_id=w.worker_id,
+                model=w.model,
+                running=len(w.running),
+                movable=w.movable and not w.moving_to,
+                assigned_at=w.assigned_at,
+                fits=w.fits,
+            )
+            for w in self.pool.workers.values()
+        ]
+        move = plan_move(
+            self.demand(), states, now, cooldown_s=self.config.move_cooldown, persist_s=self.config.demand_persist
+        )
+        if move is None:
+            return
+        worker = self.pool.workers[move[0]]
+        target = self.catalog.get(move[1])
+        assert target is not None
+        log.info(
+            "moving a worker to a model with waiting jobs",
+            extra={"worker_id": worker.worker_id, "from": worker.model, "to": target.name},
+        )
+        worker.moving_to = target.name
+        worker.assigned_at = now
+        await self._send_policy(worker, self.policy_for(worker.capabilities, target))
 
     # --- tokenizing (count_tokens) --------------------------------------------------------------
 
@@ -673,7 +1011,8 @@ class Router:
         Counting needs no generation slot, so it goes straight to the least busy worker of this
         instance instead of waiting in the queue behind generations.
         """
-        workers = sorted(self.pool.workers.values(), key=lambda w: len(w.running))
+        pool = self.pool.pool(job.model)
+        workers = sorted(pool.workers.values() if pool else (), key=lambda w: len(w.running))
         if not workers:
             return None
         worker = workers[0]
@@ -705,7 +1044,7 @@ class Router:
         }
         status = 200
         try:
-            depth = await self.queue.depth()
+            depth = 0
             cluster = await self.queue.cluster_workers()
         except RedisError:
             depth, cluster, status = -1, [], 503
@@ -714,12 +1053,39 @@ class Router:
         workers = local + [w for w in cluster if w.get("instance") != self.instance_id]
         total = sum(int(w.get("total_slots", 0)) for w in workers)
         active = sum(int(w.get("active_jobs", 0)) for w in workers)
+        models: dict[str, Any] = {}
+        for spec in self.catalog.specs:
+            served = [w for w in workers if w.get("served_model") == spec.name]
+            pool = self.pool.pools[spec.name]
+            try:
+                model_depth = await self.queue.depth(spec.name) if depth >= 0 else -1
+            except RedisError:
+                model_depth = -1
+            slots = sum(int(w.get("total_slots", 0)) for w in served)
+            busy = sum(int(w.get("active_jobs", 0)) for w in served)
+            models[spec.name] = {
+                "default": spec is self.catalog.default,
+                "embedding": spec.embedding,
+                "workers": len(served),
+                "total_slots": slots,
+                "active_jobs": busy,
+                "available": max(slots - busy, 0),
+                "queue_depth": model_depth,
+                "backlog": len(pool.backlog),
+                "jobs_completed": pool.stats.jobs_completed,
+                "jobs_failed": pool.stats.jobs_failed,
+                "input_tokens": pool.stats.input_tokens,
+                "output_tokens": pool.stats.output_tokens,
+            }
+        if depth >= 0:
+            depth = sum(m["queue_depth"] for m in models.values() if m["queue_depth"] > 0)
         body.update(
             workers=len(workers),
             total_slots=total,
             active_jobs=active,
             available=max(total - active, 0),
             queue_depth=depth,
+            models=models,
             worker_list=workers,
         )
         if self.draining:
@@ -818,6 +1184,12 @@ async def errors_middleware(
     except RedisError as exc:
         log.error("queue unavailable", extra={"error": str(exc), "path": request.path})
         return error_response(request, 503, "the job queue is unavailable; try again shortly", retry_after=2)
+    except ModelNotFoundError as exc:
+        if is_anthropic(request):
+            body = anthropic.error_body("not_found_error", str(exc))
+        else:
+            body = error_body(str(exc), "invalid_request_error", param="model", code="model_not_found")
+        return json_response(body, status=404)
     except QueueFullError:
         status = 529 if is_anthropic(request) else 429
         return error_response(
@@ -895,9 +1267,31 @@ class JobRequest(Protocol):
     def max_tokens(self) -> int | None: ...
 
 
-def job_from(request_: JobRequest, kind: str, job_id: str) -> proto.Job:
+def request_model(router: Router, requested: str | None, *, kind: str = "chat") -> ModelSpec:
+    """The configured model a request names (exact names, aliases, else the default); raises
+    ModelNotFoundError, or RequestError when the model cannot do ``kind``."""
+    spec = router.catalog.match(requested or "")
+    if spec is None:
+        raise ModelNotFoundError(requested or "", router.catalog.names)
+    if kind == "embeddings" and not spec.embedding:
+        raise RequestError(400, f"the model {spec.name} is not an embedding model", param="model")
+    if kind != "embeddings" and spec.embedding:
+        raise RequestError(400, f"the model {spec.name} is an embedding model: use /v1/embeddings", param="model")
+    return spec
+
+
+def served_name(router: Router, requested: str | None, spec: ModelSpec) -> str:
+    """The ``model`` of a response: the model that serves it; a single-model router (AUXOT_MODEL)
+    echoes the request's name, as it always has."""
+    if router.single_model:
+        return requested or spec.name
+    return spec.name
+
+
+def job_from(request_: JobRequest, kind: str, job_id: str, model: str = "") -> proto.Job:
     return proto.Job(
         job_id=job_id,
+        model=model,
         messages=request_.messages,
         tools=request_.tools,
         temperature=request_.temperature,
@@ -921,10 +1315,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> web.StreamResponse:
     router = request.app[ROUTER]
+    spec = request_model(router, chat.model)
     completion_id = new_id("chatcmpl-" if kind == "chat" else "cmpl-")
-    model = chat.model or router.model_name
+    model = served_name(router, chat.model, spec)
     created = int(time.time())
-    handle = await router.tracker.submit(job_from(chat, kind, completion_id))
+    handle = await router.tracker.submit(job_from(chat, kind, completion_id, spec.name))
     log.info("job accepted", extra={"job_id": completion_id, "kind": kind, "stream": chat.stream})
     try:
         if not chat.stream:
@@ -1011,25 +1406,82 @@ def encode_batch(handle: JobHandle, encoder: StreamEncoder, batch: list[proto.Me
     return bytes(out)
 
 
+def model_entry(router: Router, spec: ModelSpec, anthropic_shape: bool) -> dict[str, Any]:
+    """One model of ``/models``: the API's own fields plus its context length, whether a worker
+    serves it now, and (OpenAI) its aliases and whether it is the default."""
+    context = spec.resolution.context_size
+    pool = router.pool.pools.get(spec.name)
+    serving = pool is not None and any(w.slots > 0 for w in pool.workers.values())
+    if anthropic_shape:
+        obj = anthropic.model_object(spec.name, max_input_tokens=context, max_tokens=context)
+    else:
+        obj = model_object(spec.name, router.started)
+        obj.update(context_length=context, aliases=list(spec.aliases), default=spec is router.catalog.default)
+        if spec.embedding:
+            obj["embedding"] = True
+    obj["serving"] = serving
+    return obj
+
+
 async def list_models(request: web.Request) -> web.Response:
-    """``/models`` in the shape of the API asking (``/v1/models`` serves both)."""
+    """``/models`` in the shape of the API asking (``/v1/models`` serves both): every configured
+    model, the default first."""
     router = request.app[ROUTER]
-    if is_anthropic(request):
-        context = router.policy.context_size
-        return json_response(anthropic.models_list(router.model_name, max_input_tokens=context, max_tokens=context))
-    return json_response(models_list(router.model_name, router.started))
+    specs = sorted(router.catalog.specs, key=lambda s: s is not router.catalog.default)
+    shape = is_anthropic(request)
+    data = [model_entry(router, spec, shape) for spec in specs]
+    if shape:
+        first, last = data[0]["id"], data[-1]["id"]
+        return json_response({"data": data, "first_id": first, "has_more": False, "last_id": last})
+    return json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
+    """One configured model, by name, id or alias (never the default fallback)."""
     router = request.app[ROUTER]
     model_id = request.match_info.get("model_id", "")
-    if model_id != router.model_name:
+    spec = router.catalog.match_exact(model_id)
+    if spec is None:
         suffix = " or you do not have access to it." if is_anthropic(request) else ""
         return error_response(request, 404, f'The model "{model_id}" does not exist{suffix}')
-    if is_anthropic(request):
-        context = router.policy.context_size
-        return json_response(anthropic.model_object(router.model_name, max_input_tokens=context, max_tokens=context))
-    return json_response(model_object(router.model_name, router.started))
+    return json_response(model_entry(router, spec, is_anthropic(request)))
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """OpenAI embeddings from a model marked as an embedding model."""
+    router = request.app[ROUTER]
+    if not any(spec.embedding for spec in router.catalog.specs):
+        return error_response(
+            request, 501, "embeddings are not served here: no model is marked `embedding = true` (AUXOT_MODELS_FILE)"
+        )
+    parsed = parse_embeddings_request(await read_json(request))
+    requested = router.catalog.match_exact(parsed.model) if parsed.model else None
+    if requested is None:  # unknown names go to the embedding model when there is only one
+        embedders = [s for s in router.catalog.specs if s.embedding]
+        if parsed.model and len(embedders) != 1:
+            raise ModelNotFoundError(parsed.model, [s.name for s in embedders])
+        requested = embedders[0]
+    spec = request_model(router, requested.name, kind="embeddings")
+    job = proto.Job(job_id=new_id("emb-"), model=spec.name, kind="embeddings", params={"input": parsed.inputs})
+    handle = await router.tracker.submit(job)
+    log.info("job accepted", extra={"job_id": job.job_id, "kind": "embeddings", "inputs": len(parsed.inputs)})
+    try:
+        final = await wait_final(router, handle)
+    finally:
+        router.tracker.abandon(handle)
+    if isinstance(final, proto.Error):
+        return job_error_response(request, final)
+    if len(final.embeddings) != len(parsed.inputs):
+        count = f"{len(final.embeddings)} vectors for {len(parsed.inputs)} inputs"
+        return error_response(request, 502, f"the worker returned {count}")
+    return json_response(
+        embeddings_body(
+            final.embeddings,
+            model=served_name(router, parsed.model, spec),
+            prompt_tokens=final.input_tokens,
+            encoding_format=parsed.encoding_format,
+        )
+    )
 
 
 async def list_stored_completions(request: web.Request) -> web.Response:
@@ -1052,14 +1504,16 @@ async def not_implemented(request: web.Request) -> web.Response:
 async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER]
     body = await read_json(request)
+    requested = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else ""
+    spec = request_model(router, requested)
     try:
-        chat = anthropic.translate_request(body, max_output_tokens=router.policy.context_size)
+        chat = anthropic.translate_request(body, max_output_tokens=spec.resolution.context_size)
     except anthropic.AnthropicError as exc:
         return error_response(request, exc.status, exc.message)
     message_id = new_id("msg_")
-    model = chat.model or router.model_name
+    model = served_name(router, chat.model, spec)
     stop_sequences = body.get("stop_sequences") if isinstance(body.get("stop_sequences"), list) else None
-    handle = await router.tracker.submit(job_from(chat, "chat", new_id("chatcmpl-")))
+    handle = await router.tracker.submit(job_from(chat, "chat", new_id("chatcmpl-"), spec.name))
     log.info("job accepted", extra={"job_id": handle.job.job_id, "kind": "messages", "stream": chat.stream})
     try:
         if not chat.stream:
@@ -1087,7 +1541,8 @@ async def anthropic_count_tokens(request: web.Request) -> web.Response:
         chat = anthropic.count_tokens_request(body)
     except anthropic.AnthropicError as exc:
         return error_response(request, exc.status, exc.message)
-    job = job_from(chat, "tokenize", new_id("tok-"))
+    spec = request_model(router, chat.model)
+    job = job_from(chat, "tokenize", new_id("tok-"), spec.name)
     count = await router.tokenize(job, timeout=15.0)
     if count is not None:
         return json_response({"input_tokens": count}, headers={TOKEN_COUNT_HEADER: "exact"})
@@ -1127,20 +1582,53 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         )
         await ws.close()
         return ws
+    spec, refusal = choose_model(router, hello)
+    if spec is None:
+        log.warning("worker rejected: " + refusal, extra={"remote": client, "model": hello.model})
+        await ws.send_str(proto.encode(proto.HelloAck(success=False, error=refusal)).decode())
+        await ws.close()
+        return ws
     worker_id = secrets.token_hex(16)
-    ack = proto.HelloAck(success=True, gpu_id=worker_id, policy=router.policy_for(hello.capabilities))
+    ack = proto.HelloAck(success=True, gpu_id=worker_id, policy=router.policy_for(hello.capabilities, spec))
     await ws.send_str(proto.encode(ack).decode())
     if hello.policy_only:
         with contextlib.suppress(TimeoutError):
             await ws.receive(timeout=config.hello_timeout)
         await ws.close()
         return ws
-    slots = hello.capabilities.total_slots or router.policy.max_parallelism
+    slots = hello.capabilities.total_slots or spec.parallel
     worker = WorkerConnection(
-        worker_id=worker_id, ws=ws, capabilities=hello.capabilities, slots=slots, policy=ack.policy
+        worker_id=worker_id,
+        ws=ws,
+        capabilities=hello.capabilities,
+        slots=slots,
+        policy=ack.policy,
+        model=spec.name,
+        requested_model=hello.model,
+        movable=not hello.model and bool(hello.capabilities.policy_model),
+        fits=router.fitting_models(hello.capabilities),
     )
     await serve_worker(router, worker)
     return ws
+
+
+def choose_model(router: Router, hello: proto.Hello) -> tuple[ModelSpec | None, str]:
+    """The model a worker is to serve, or None and why not.
+
+    ``--model NAME`` must name a configured model (name, id or alias). Without it, a worker that
+    already runs a configured model (reconnecting) keeps it; else the assignment policy picks.
+    """
+    catalog = router.catalog
+    if hello.model:
+        spec = catalog.match_exact(hello.model)
+        if spec is None:
+            return None, f'model "{hello.model}" is not served by this router (it serves: {", ".join(catalog.names)})'
+        return spec, ""
+    current = hello.capabilities.policy_model
+    spec = router.assign(hello.capabilities, current=current if catalog.get(current) else "")
+    if spec is None:
+        return None, "every configured model has its maximum number of workers"
+    return spec, ""
 
 
 async def receive_hello(ws: web.WebSocketResponse, timeout: float) -> proto.Hello | None:
@@ -1158,10 +1646,18 @@ async def receive_hello(ws: web.WebSocketResponse, timeout: float) -> proto.Hell
 
 
 async def serve_worker(router: Router, worker: WorkerConnection) -> None:
-    router.pool.add(worker)
+    if router.pool.pool(worker.model) is None:  # its model left the catalog meanwhile (a reload)
+        await worker.ws.close(code=1012, message=b"model no longer served; reconnect")
+        return
+    router.pool.add(worker, worker.model)
     log.info(
         "worker connected",
-        extra={"worker_id": worker.worker_id, "model": worker.capabilities.model, "slots": worker.slots},
+        extra={
+            "worker_id": worker.worker_id,
+            "model": worker.model,
+            "backend_model": worker.capabilities.model,
+            "slots": worker.slots,
+        },
     )
     reason = "connection closed"
     try:
@@ -1213,7 +1709,7 @@ async def liveness(router: Router) -> None:
         try:
             await router.queue.beat_instance(config.dead_worker_timeout)
             if router.unacked:
-                await router.ack([])
+                await router.ack([], "")
             if time.monotonic() - last_sweep >= config.sweep_interval:
                 last_sweep = time.monotonic()
                 await reclaim(router)
@@ -1226,26 +1722,45 @@ async def reclaim(router: Router) -> None:
     claimed = await router.queue.reclaim_from_dead_instances(router.config.dead_worker_timeout)
     if not claimed:
         return
-    await router.queue.ack([entry_id for entry_id, _ in claimed])
-    for _, job in claimed:
+    for entry_id, job in claimed:
         if job is not None:
+            await router.queue.ack([entry_id], job.model)
             router.route(job.reply_to, proto.WorkerLost(job.job_id, "its router instance died"))
+
+
+async def balancer(router: Router) -> None:
+    """Moves workers where demand is (see :func:`auxot_common.models.plan_move`), and applies
+    a changed models file as SIGHUP would."""
+    while True:
+        await asyncio.sleep(router.config.balance_interval)
+        try:
+            if router.config.models_file and router._models_file_mtime() != router.models_file_mtime:
+                log.info("the models file changed: reloading", extra={"file": router.config.models_file})
+                await router.reload(load_environment())
+            await router.balance()
+        except RedisError as exc:
+            log.warning("balancing skipped: the queue is unavailable", extra={"error": str(exc)})
+        except Exception:  # the balancer must outlive any bug in one round
+            log.exception("balancing failed")
 
 
 async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     router = app[ROUTER]
-    await router.queue.ensure_group()
+    for spec in router.catalog.specs:
+        await router.queue.ensure_group(spec.name)
     await router.queue.beat_instance(router.config.dead_worker_timeout)
+    router.start_dispatchers()
     tasks = [
-        asyncio.create_task(router.dispatch_forever(), name="dispatcher"),
         asyncio.create_task(relay_reader(router), name="relay-reader"),
         asyncio.create_task(liveness(router), name="liveness"),
+        asyncio.create_task(balancer(router), name="balancer"),
         asyncio.create_task(router.tracker.tick_forever(router.config.sse_keepalive), name="ticker"),
     ]
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await router.stop_dispatchers()
     await router.relay.close()
     with contextlib.suppress(RedisError):
         await router.queue.drop_instance()
@@ -1294,7 +1809,7 @@ OPENAI_ROUTES: list[tuple[str, str, Handler]] = [
     ("DELETE", "/chat/completions/{completion_id}", stored_completion),
     ("GET", "/chat/completions/{completion_id}/messages", stored_completion),
     ("POST", "/completions", completions),
-    ("POST", "/embeddings", not_implemented),
+    ("POST", "/embeddings", embeddings),
     ("GET", "/models", list_models),
     ("GET", "/models/{model_id}", get_model),
 ]

@@ -75,6 +75,7 @@ class WorkerConfig:
 
     gpu_key: str
     router_url: str = "ws://localhost:8080/ws"
+    model: str = ""  # --model / AUXOT_WORKER_MODEL: serve this configured model, never be moved
     model_path: str = ""
     mmproj_path: str = ""
     llama_server_path: str = ""
@@ -110,6 +111,7 @@ class WorkerConfig:
         return cls(
             gpu_key=gpu_key,
             router_url=normalise_router_url(read.text("AUXOT_ROUTER_URL", "ws://localhost:8080/ws")),
+            model=read.text("AUXOT_WORKER_MODEL", ""),
             model_path=read.text("AUXOT_MODEL_FILE", ""),
             mmproj_path=read.text("AUXOT_MMPROJ_FILE", ""),
             llama_server_path=read.text("AUXOT_LLAMA_BINARY", ""),
@@ -137,6 +139,7 @@ class WorkerConfig:
 FLAG_TO_ENV = {
     "--gpu-key": "AUXOT_GPU_KEY",
     "--router-url": "AUXOT_ROUTER_URL",
+    "--model": "AUXOT_WORKER_MODEL",
     "--model-path": "AUXOT_MODEL_FILE",
     "--mmproj-path": "AUXOT_MMPROJ_FILE",
     "--llama-server-path": "AUXOT_LLAMA_BINARY",
@@ -246,6 +249,7 @@ class LlamaServer:
         ctx_per_slot: context per slot; llama-server gets ``ctx_per_slot * parallel``.
         gpu_layers, threads: ``--n-gpu-layers`` (0 = CPU only) and ``--threads`` (0 = default).
         extra_args: appended as they are (``AUXOT_LLAMA_ARGS``).
+        pooling: for an embedding model, ``--embeddings --pooling <pooling>``; ``""`` otherwise.
     """
 
     STDERR_LINES = 50
@@ -261,8 +265,10 @@ class LlamaServer:
         gpu_layers: int = 0,
         threads: int = 0,
         extra_args: list[str] | None = None,
+        pooling: str = "",
     ) -> None:
         self.binary = binary
+        self.pooling = pooling  # an embedding model: --embeddings --pooling <type>
         self.model = model
         self.mmproj = mmproj
         self.parallel = parallel
@@ -298,6 +304,8 @@ class LlamaServer:
         ]  # fmt: skip
         if self.mmproj:
             args += ["--mmproj", self.mmproj]
+        if self.pooling:
+            args += ["--embeddings", "--pooling", self.pooling]
         if self.gpu_layers > 0:
             args += ["--n-gpu-layers", str(self.gpu_layers)]
         if self.threads > 0:
@@ -538,7 +546,7 @@ class LlamaSupervisor:
         self.up.set()
         await self.on_up()
 
-    async def reconfigure(self, model: ModelFiles, parallel: int, ctx_per_slot: int) -> bool:
+    async def reconfigure(self, model: ModelFiles, parallel: int, ctx_per_slot: int, pooling: str = "") -> bool:
         """Restart with another model or settings; False when they failed and the old ones run
         again. Raises :class:`LlamaStartError` when even the old ones no longer start."""
         async with self._lock:
@@ -546,9 +554,9 @@ class LlamaSupervisor:
             await self.on_down("restarting llama-server for a new policy")
             await self.wait_idle(self.config.shutdown_grace)
             server = self.server
-            old = (server.model, server.mmproj, server.parallel, server.ctx_per_slot)
+            old = (server.model, server.mmproj, server.parallel, server.ctx_per_slot, server.pooling)
             await server.stop()
-            server.model, server.mmproj = str(model.model), str(model.mmproj or "")
+            server.model, server.mmproj, server.pooling = str(model.model), str(model.mmproj or ""), pooling
             applied = True
             try:
                 await self._start_fitting(parallel, ctx_per_slot)
@@ -557,7 +565,7 @@ class LlamaSupervisor:
                     "llama-server failed with the new policy; going back to the previous one",
                     extra={"error": str(exc)[-2000:]},
                 )
-                server.model, server.mmproj = old[0], old[1]
+                server.model, server.mmproj, server.pooling = old[0], old[1], old[4]
                 await self._start_fitting(old[2], old[3])
                 applied = False
             await self.on_up()
@@ -773,6 +781,7 @@ class JobResult:
     finish_reason: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
+    embeddings: list[list[float]] = field(default_factory=list)
 
     def merge_tool_deltas(self, deltas: list[dict[str, Any]]) -> None:
         for delta in deltas:
@@ -807,6 +816,7 @@ class JobResult:
             tool_calls=calls,
             reasoning_content=self.parser.reasoning,
             logprobs={"content": self.logprobs} if self.logprobs else None,
+            embeddings=self.embeddings,
         )
 
 
@@ -894,6 +904,9 @@ class JobRunner:
         if job.kind == "tokenize":
             await self._count_prompt_tokens(job, result)
             return
+        if job.kind == "embeddings":
+            await self._embed(job, result)
+            return
         endpoint = ENDPOINTS.get(job.kind)
         if endpoint is None:
             raise LlamaHTTPError(400, f"unsupported job kind {job.kind!r}")
@@ -954,6 +967,19 @@ class JobRunner:
             "/tokenize", {"content": prompt.get("prompt", ""), "add_special": True, "parse_special": True}, headers
         )
         result.usage = {"prompt_tokens": len(tokens.get("tokens") or [])}
+        result.finish_reason = "stop"
+
+    async def _embed(self, job: proto.Job, result: JobResult) -> None:
+        """``/v1/embeddings`` of llama-server (started with ``--embeddings``): one float vector
+        per input, in input order, and the prompt tokens it counted."""
+        body: dict[str, Any] = {"input": job.params.get("input"), "encoding_format": "float"}
+        model_id = getattr(self._llama, "model_id", "")
+        if model_id:
+            body["model"] = model_id
+        data = await self._post_json("/v1/embeddings", body, self._headers())
+        items = sorted(data.get("data") or [], key=lambda item: int(item.get("index", 0)))
+        result.embeddings = [list(item.get("embedding") or []) for item in items]
+        result.usage = {"prompt_tokens": int((data.get("usage") or {}).get("prompt_tokens") or 0)}
         result.finish_reason = "stop"
 
     async def _post_json(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
@@ -1156,7 +1182,9 @@ class RouterLink:
             timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
         )
         try:
-            hello = proto.Hello(gpu_key=self.config.gpu_key, capabilities=caps, policy_only=policy_only)
+            hello = proto.Hello(
+                gpu_key=self.config.gpu_key, capabilities=caps, policy_only=policy_only, model=self.config.model
+            )
             await ws.send_frame(proto.encode(hello), aiohttp.WSMsgType.TEXT)
             msg = await ws.receive(timeout=30.0)
             if msg.type != aiohttp.WSMsgType.TEXT:
@@ -1278,6 +1306,11 @@ class RouterLink:
         if ws is None or ws.closed:
             raise ConnectionError("not connected to the router")
         await ws.send_frame(proto.encode(message), aiohttp.WSMsgType.TEXT)
+
+
+def pooling_of(policy: proto.Policy) -> str:
+    """llama-server's ``--pooling`` for an embedding model's policy, ``""`` for a generative one."""
+    return (policy.pooling or "mean") if policy.embedding else ""
 
 
 def policy_fields(policy: proto.Policy) -> dict[str, Any]:
@@ -1445,6 +1478,7 @@ class Worker:
             gpu_layers=gpu_layers,
             threads=config.threads,
             extra_args=config.extra_llama_args,
+            pooling=pooling_of(policy),
         )
         supervisor = LlamaSupervisor(server, self.llama_session, config)
         self.supervisor = supervisor
@@ -1472,6 +1506,7 @@ class Worker:
             log.warning("backend discovery failed; announcing the settings asked for", extra={"error": str(exc)})
             caps = dataclasses.replace(self.link.caps, total_slots=self.requested[0] or 1, ctx_size=self.requested[1])
         caps.model_capabilities = list(self.policy.capabilities)
+        caps.policy_model = self.policy.model_name
         caps.gpus = self.gpu.to_dicts()
         caps.vram_gb = vram_report_gb(self.gpu)
         return caps
@@ -1529,6 +1564,8 @@ class Worker:
                         "the router asks for another model, but --model-path pins this one; "
                         "applying context and slots only"
                     )
+                    # keep naming the model it runs, so the router sees the move refused
+                    policy = dataclasses.replace(policy, model_name=self.policy.model_name)
                 else:
                     try:
                         async with aiohttp.ClientSession() as downloads:
@@ -1539,9 +1576,11 @@ class Worker:
             assert model is not None
             requested = (self.config.max_parallel or policy.max_parallelism, policy.context_size)
             old_policy, self.policy = self.policy, policy
-            if model == self.model and requested == self.requested:
+            if model == self.model and requested == self.requested and pooling_of(policy) == pooling_of(old_policy):
+                if change == "model":
+                    await self._on_up()  # tell the router which model runs now (the same file)
                 return
-            if await supervisor.reconfigure(model, *requested):
+            if await supervisor.reconfigure(model, *requested, pooling=pooling_of(policy)):
                 self.model, self.requested = model, requested
             else:
                 self.policy = old_policy
@@ -1557,6 +1596,8 @@ and serves jobs. A crashed llama-server is restarted; an update of the router's 
 options (environment variable in brackets):
   --gpu-key KEY              GPU key from `auxot_router.py setup` [AUXOT_GPU_KEY]
   --router-url URL           ws://HOST:8080/ws (http://, https:// and a bare host work too) [AUXOT_ROUTER_URL]
+  --model NAME               serve this one of the router's models (name, id or alias) and never be
+                             moved to another; without it the router assigns one [AUXOT_WORKER_MODEL]
   --model-path FILE          serve this GGUF (the first shard of a split model) instead of
                              downloading the router's model [AUXOT_MODEL_FILE]
   --mmproj-path FILE         the vision projector for --model-path [AUXOT_MMPROJ_FILE]

@@ -49,6 +49,7 @@ class Capabilities:
     model_capabilities: list[str] = field(default_factory=list)
     gpus: list[JSONObject] = field(default_factory=list)
     draining: bool = False  # shutting down: finish running jobs, take no new ones
+    policy_model: str = ""  # the policy's model_name the backend runs now (moves are confirmed by it)
 
     _always: ClassVar[frozenset[str]] = frozenset({"backend", "model", "ctx_size"})
 
@@ -80,6 +81,8 @@ class Policy:
     mmproj_file: str = ""
     family: str = ""
     parameters: str = ""
+    embedding: bool = False  # an embedding model: llama-server --embeddings --pooling <pooling>
+    pooling: str = ""
 
     _always: ClassVar[frozenset[str]] = frozenset(
         {"model_name", "quantization", "context_size", "max_parallelism", "capabilities"}
@@ -104,6 +107,7 @@ class Hello:
     gpu_key: str
     capabilities: Capabilities = field(default_factory=Capabilities)
     policy_only: bool = False
+    model: str = ""  # the model this worker asks to serve (--model), "" for whatever the router assigns
     type: ClassVar[str] = "hello"
     _always: ClassVar[frozenset[str]] = frozenset({"gpu_key", "capabilities"})
 
@@ -156,6 +160,7 @@ class Complete:
     reasoning_content: str = ""
     reasoning_tokens: int = 0
     logprobs: JSONObject | None = None
+    embeddings: list[list[float]] = field(default_factory=list)  # kind "embeddings": one vector per input
     type: ClassVar[str] = "complete"
     _always: ClassVar[frozenset[str]] = frozenset({"job_id", "full_response", "finish_reason"})
 
@@ -215,8 +220,9 @@ class Job:
     """A unit of work.
 
     ``kind`` names the llama-server endpoint: ``chat`` (``/v1/chat/completions``),
-    ``completion`` (``/v1/completions``, ``params.prompt``) or ``tokenize`` (render
-    ``messages``/``tools`` with the chat template and count tokens).
+    ``completion`` (``/v1/completions``, ``params.prompt``), ``tokenize`` (render
+    ``messages``/``tools`` with the chat template and count tokens) or ``embeddings``
+    (``/v1/embeddings``, ``params.input`` a list of strings or token arrays).
     ``params`` holds every other request field passed through to llama-server as is
     (``top_p``, ``stop``, ``seed``, ``response_format``, ``tool_choice``, ...).
     ``reply_to`` is the router instance holding the caller's HTTP request.
@@ -234,6 +240,7 @@ class Job:
     reply_to: str = ""
     attempt: int = 1
     deadline: float = 0.0
+    model: str = ""  # the canonical name of the model (its pool and queue stream); "" for none
     type: ClassVar[str] = "job"
     _always: ClassVar[frozenset[str]] = frozenset({"job_id", "messages"})
 

@@ -157,6 +157,11 @@ def policy_change(old: proto.Policy, new: proto.Policy) -> PolicyChange | None:
     model_fields = ("model_name", "quantization", "huggingface_id", "files", "mmproj_file")
     if any(getattr(old, name) != getattr(new, name) for name in model_fields):
         return "model"
-    if (old.context_size, old.max_parallelism) != (new.context_size, new.max_parallelism):
+    if (old.context_size, old.max_parallelism, old.embedding, old.pooling) != (
+        new.context_size,
+        new.max_parallelism,
+        new.embedding,
+        new.pooling,
+    ):
         return "settings"
     return None

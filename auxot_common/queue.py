@@ -3,8 +3,10 @@
 Keys (``prefix`` defaults to ``auxot:``):
 
 ==============================  ======  ===========================================================
-``{p}jobs``                      stream  one entry per job: ``job_id``, ``data`` (the job message)
-group ``workers`` on it          group   one consumer per *router instance* (see below)
+``{p}jobs:{model_key}``          stream  one per model: ``job_id``, ``data`` (the job message);
+                                         ``{p}jobs`` for jobs that name no model, and for the one
+                                         model of a router configured with ``AUXOT_MODEL``
+group ``workers`` on each        group   one consumer per *router instance* (see below)
 ``{p}inbox:{instance}``          stream  relay of job events to the instance holding the caller
 ``{p}cancelled:{job_id}``        string  set when a caller gave up; dispatch skips the job
 ``{p}instance:{instance}``       string  the instance is alive (TTL); the sweeper reads it
@@ -21,6 +23,11 @@ pending list until it completes; if the instance dies, its ``instance`` key expi
 instance's sweeper claims the entries with a min-idle no smaller than the dead-instance timeout,
 so two sweepers can never both take one job.
 
+Every model has its own stream (and consumer group), so a router reads only the jobs of the
+models its workers serve, ``COUNT`` = the free slots of that model's pool, and the guarantees
+above (at-least-once, reclaim from a dead instance) hold per stream. The methods take the
+model's canonical name (``Job.model``); ``""`` is the stream of jobs that name none.
+
 The embedded store (fakeredis) ignores ``BLOCK``, so in embedded mode reads wait on an in-process
 event that :meth:`StreamQueue.enqueue` sets; with a real Redis they block server-side.
 """
@@ -36,6 +43,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from auxot_common.models import model_key
 from auxot_common.protocol import Job, ProtocolError, decode
 
 log = logging.getLogger("auxot.queue")
@@ -80,12 +88,21 @@ class StreamQueue:
         self._server_blocking = server_blocking
         # A real Redis may be shared with other router instances; the embedded store never is.
         self.shared = server_blocking if shared is None else shared
-        self._jobs_added = asyncio.Event()
+        self._jobs_added: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._inbox_added = asyncio.Event()
         self._inbox_last_id = "0-0"
-        self._waiting = 0  # embedded mode: this process is the only reader and writer
+        self._waiting: defaultdict[str, int] = defaultdict(int)  # embedded: the only reader and writer
+        # one model configured with AUXOT_MODEL: its jobs stay on ``{p}jobs``, the key of every
+        # release before several models, so an upgrade finds the jobs already queued
+        self.single_stream = False
 
     # --- keys -----------------------------------------------------------------------------------
+
+    def stream_key(self, model: str = "") -> str:
+        """The job stream of ``model`` (its canonical name); ``{p}jobs`` for ``""``."""
+        if self.single_stream or not model:
+            return self.jobs_key
+        return f"{self.prefix}jobs:{model_key(model)}"
 
     def inbox_key(self, instance_id: str) -> str:
         return f"{self.prefix}inbox:{instance_id}"
@@ -101,75 +118,83 @@ class StreamQueue:
 
     # --- jobs -----------------------------------------------------------------------------------
 
-    async def ensure_group(self) -> None:
+    async def ensure_group(self, model: str = "") -> None:
         try:
-            await self.redis.xgroup_create(self.jobs_key, GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(self.stream_key(model), GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _regroup_if_lost(self, exc: ResponseError) -> None:
+    async def _regroup_if_lost(self, exc: ResponseError, model: str = "") -> None:
         """A Redis restarted without persistence (or flushed) has lost the consumer group: create
         it again, so that the instance heals by itself; re-raise any other error."""
         if "NOGROUP" not in str(exc):
             raise exc
         log.warning("the job queue's consumer group is gone (Redis restarted empty?): creating it again")
-        await self.ensure_group()
+        await self.ensure_group(model)
 
     async def enqueue(self, job: Job, data: bytes) -> str:
-        """Append a job (``data`` is its encoded message) and wake local readers."""
-        entry_id = await self.redis.xadd(self.jobs_key, {"job_id": job.job_id, "data": data})
-        self._waiting += 1
-        self._jobs_added.set()
+        """Append a job (``data`` is its encoded message) to its model's stream and wake local
+        readers."""
+        entry_id = await self.redis.xadd(self.stream_key(job.model), {"job_id": job.job_id, "data": data})
+        self._waiting[job.model] += 1
+        self._jobs_added[job.model].set()
         return _text(entry_id)
 
-    async def depth(self) -> int:
-        """Jobs waiting for a worker: entries not yet delivered to any instance."""
+    async def depth(self, model: str = "") -> int:
+        """Jobs of ``model`` waiting for a worker: entries not yet delivered to any instance."""
         if not self.shared:  # no other instance can add or take jobs: the count is exact locally
-            return self._waiting
+            return self._waiting[model]
+        key = self.stream_key(model)
         for attempt in range(2):
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.xlen(self.jobs_key)
-                    pipe.xpending(self.jobs_key, GROUP)
+                    pipe.xlen(key)
+                    pipe.xpending(key, GROUP)
                     length, pending = await pipe.execute()
                 break
             except ResponseError as exc:
                 if attempt:
                     raise
-                await self._regroup_if_lost(exc)
+                await self._regroup_if_lost(exc, model)
         return max(int(length) - int(pending["pending"]), 0)
 
-    async def read_jobs(self, count: int, timeout: float) -> list[JobEntry]:
-        """Take up to ``count`` new jobs for this instance, waiting at most ``timeout`` seconds."""
-        self._jobs_added.clear()
-        entries = await self._xreadgroup(count, block_ms=int(timeout * 1000) if self._server_blocking else None)
+    async def read_jobs(self, count: int, timeout: float, model: str = "") -> list[JobEntry]:
+        """Take up to ``count`` new jobs of ``model`` for this instance, waiting at most
+        ``timeout`` seconds."""
+        added = self._jobs_added[model]
+        added.clear()
+        block_ms = int(timeout * 1000) if self._server_blocking else None
+        entries = await self._xreadgroup(count, block_ms, model)
         if not entries and not self._server_blocking:
             try:
-                await asyncio.wait_for(self._jobs_added.wait(), timeout)
+                await asyncio.wait_for(added.wait(), timeout)
             except TimeoutError:
                 return []
-            entries = await self._xreadgroup(count, block_ms=None)
+            entries = await self._xreadgroup(count, None, model)
         return entries
 
-    async def _xreadgroup(self, count: int, block_ms: int | None) -> list[JobEntry]:
-        streams: dict[Any, Any] = {self.jobs_key: ">"}
+    async def _xreadgroup(self, count: int, block_ms: int | None, model: str = "") -> list[JobEntry]:
+        streams: dict[Any, Any] = {self.stream_key(model): ">"}
         try:
             reply: Any = await self.redis.xreadgroup(GROUP, self.instance_id, streams, count=count, block=block_ms)
         except ResponseError as exc:
-            await self._regroup_if_lost(exc)
+            await self._regroup_if_lost(exc, model)
             reply = await self.redis.xreadgroup(GROUP, self.instance_id, streams, count=count, block=block_ms)
         entries = [_job_entry(entry_id, fields) for _, stream in reply or [] for entry_id, fields in stream]
-        self._waiting = max(self._waiting - len(entries), 0)
+        self._waiting[model] = max(self._waiting[model] - len(entries), 0)
         return entries
 
-    async def ack(self, entry_ids: list[str]) -> None:
-        """Finish entries: XACK then XDEL, in one round trip."""
+    async def ack(self, entry_ids: list[str], model: str = "") -> None:
+        """Finish entries of ``model``'s stream: XACK then XDEL, in one round trip."""
+        await self._ack_key(self.stream_key(model), entry_ids)
+
+    async def _ack_key(self, key: str, entry_ids: list[str]) -> None:
         if not entry_ids:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.jobs_key, GROUP, *entry_ids)
-            pipe.xdel(self.jobs_key, *entry_ids)
+            pipe.xack(key, GROUP, *entry_ids)
+            pipe.xdel(key, *entry_ids)
             results = await pipe.execute(raise_on_error=False)
         for result in results:  # NOGROUP: Redis lost the group and the entries with it; nothing to finish
             if isinstance(result, Exception) and "NOGROUP" not in str(result):
@@ -246,43 +271,55 @@ class StreamQueue:
 
     # --- recovery -------------------------------------------------------------------------------
 
+    async def job_streams(self) -> list[str]:
+        """The keys of every job stream that exists (configured now or not: a model removed by a
+        reload may still hold a dead instance's jobs)."""
+        keys = [self.jobs_key] if await self.redis.exists(self.jobs_key) else []
+        keys += sorted({_text(k) async for k in self.redis.scan_iter(match=f"{self.prefix}jobs:*", count=200)})
+        return keys
+
     async def reclaim_from_dead_instances(self, min_idle_s: float) -> list[JobEntry]:
-        """Claim the pending jobs of instances whose liveness key expired.
+        """Claim the pending jobs of instances whose liveness key expired, on every model's
+        stream. A claimed job keeps its ``model``, whose stream it is on: the caller acknowledges
+        it with ``ack([entry_id], job.model)``. Unreadable entries are finished here.
 
         ``min_idle_s`` must be no smaller than the instance TTL: XCLAIM resets the idle time, so
         of two sweepers racing for one entry only the first gets it.
         """
-        try:
-            summary = await self.redis.xpending(self.jobs_key, GROUP)
-        except ResponseError as exc:
-            await self._regroup_if_lost(exc)
-            return []  # a new group has nothing pending
         claimed: list[JobEntry] = []
-        for consumer in summary.get("consumers") or []:
-            name = _text(consumer["name"])
-            if name == self.instance_id or await self.instance_alive(name):
-                continue
-            claimed.extend(await self._claim_all(name, int(min_idle_s * 1000)))
+        for key in await self.job_streams():
+            try:
+                summary = await self.redis.xpending(key, GROUP)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                continue  # a stream without a group has nothing pending
+            for consumer in summary.get("consumers") or []:
+                name = _text(consumer["name"])
+                if name == self.instance_id or await self.instance_alive(name):
+                    continue
+                claimed.extend(await self._claim_all(name, int(min_idle_s * 1000), key))
         return claimed
 
-    async def _claim_all(self, consumer: str, min_idle_ms: int) -> list[JobEntry]:
+    async def _claim_all(self, consumer: str, min_idle_ms: int, key: str) -> list[JobEntry]:
         claimed: list[JobEntry] = []
         while True:
             pending: Any = await self.redis.xpending_range(
-                self.jobs_key, GROUP, min="-", max="+", count=100, consumername=consumer, idle=min_idle_ms
+                key, GROUP, min="-", max="+", count=100, consumername=consumer, idle=min_idle_ms
             )
             if not pending:
                 break
             ids = [p["message_id"] for p in pending]
-            entries: Any = await self.redis.xclaim(self.jobs_key, GROUP, self.instance_id, min_idle_ms, ids)
-            claimed.extend(_job_entry(entry_id, fields) for entry_id, fields in entries if fields)
+            entries: Any = await self.redis.xclaim(key, GROUP, self.instance_id, min_idle_ms, ids)
+            readable = [_job_entry(entry_id, fields) for entry_id, fields in entries if fields]
+            # an unreadable entry can never run; finish it here, where its stream is known
+            await self._ack_key(key, [entry_id for entry_id, job in readable if job is None])
+            claimed.extend(entry for entry in readable if entry[1] is not None)
             if len(pending) < 100:
                 break
-        remaining = await self.redis.xpending_range(
-            self.jobs_key, GROUP, min="-", max="+", count=1, consumername=consumer
-        )
+        remaining = await self.redis.xpending_range(key, GROUP, min="-", max="+", count=1, consumername=consumer)
         if not remaining:
-            await self.redis.xgroup_delconsumer(self.jobs_key, GROUP, consumer)
+            await self.redis.xgroup_delconsumer(key, GROUP, consumer)
         if claimed:
             log.warning(
                 "reclaimed jobs from a dead router instance", extra={"instance": consumer, "jobs": len(claimed)}

@@ -43,6 +43,7 @@ FULL_CAPS = Capabilities(
     model_capabilities=["code", "tools"],
     gpus=[{"name": "NVIDIA H100", "vram_mb": 81559}],
     draining=True,
+    policy_model="Qwen3-Coder-30B-A3B",
 )
 
 FULL_POLICY = Policy(
@@ -56,6 +57,8 @@ FULL_POLICY = Policy(
     mmproj_file="mmproj-F16.gguf",
     family="qwen3",
     parameters="30B",
+    embedding=True,
+    pooling="mean",
 )
 
 TOOL_CALL = {
@@ -67,7 +70,7 @@ TOOL_CALL = {
 
 # One instance of every message type, every field set to a non-default value.
 FULL_MESSAGES: list[Any] = [
-    Hello(gpu_key="adm_key", capabilities=FULL_CAPS, policy_only=True),
+    Hello(gpu_key="adm_key", capabilities=FULL_CAPS, policy_only=True, model="Qwen3-Coder-30B-A3B"),
     Config(capabilities=FULL_CAPS),
     Heartbeat(),
     Token(job_id="chatcmpl-1", token="Hel", reasoning=True, logprobs=[{"token": "Hel", "logprob": -0.1}]),
@@ -84,6 +87,7 @@ FULL_MESSAGES: list[Any] = [
         reasoning_content="Let me think",
         reasoning_tokens=3,
         logprobs={"content": [{"token": "Hel", "logprob": -0.1}]},
+        embeddings=[[0.25, -0.5]],
     ),
     Error(error="boom", job_id="chatcmpl-1", details="more", status=400, retryable=True),
     PromptProgress(job_id="chatcmpl-1", total=100, cached=20, processed=50),
@@ -103,6 +107,7 @@ FULL_MESSAGES: list[Any] = [
         reply_to="instance-a",
         attempt=2,
         deadline=1700000000.5,
+        model="Qwen3-Coder-30B-A3B",
     ),
     Cancel(job_id="chatcmpl-1"),
     PolicyUpdate(policy=FULL_POLICY),
