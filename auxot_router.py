@@ -67,7 +67,7 @@ from auxot_common.limits import (
 )
 from auxot_common.logs import redact_url, setup_logging
 from auxot_common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from auxot_common.metrics import ClusterView, JobStats, RouterMetrics, access_record, key_fingerprint
+from auxot_common.metrics import ClusterView, JobStats, ModelGauges, RouterMetrics, access_record, key_fingerprint
 from auxot_common.models import (
     CatalogError,
     ModelCatalog,
@@ -1356,10 +1356,22 @@ class Router:
             running=sum(len(w.running) for w in workers),
             in_flight=self.in_flight,
         )
+        rows = {
+            name: ModelGauges(
+                workers=len(pool.workers),
+                total_slots=sum(w.slots for w in pool.workers.values()),
+                free_slots=pool.total_free(),
+                running=sum(len(w.running) for w in pool.workers.values()),
+                backlog=len(pool.backlog),
+            )
+            for name, pool in self.pool.pools.items()
+        }
         view: ClusterView | None = None
         try:
             if await self._holds_metrics_lease():
-                depth = sum([await self.queue.depth(spec.name) for spec in self.catalog.specs])
+                for name, row in rows.items():
+                    row.queue_depth = await self.queue.depth(name)
+                depth = sum(row.queue_depth or 0 for row in rows.values())
                 depth += sum(len(pool.backlog) for pool in self.pool.pools.values())
                 local = [w.info(self.instance_id) for w in workers]
                 others = [w for w in self.cluster_view if w.get("instance") != self.instance_id]
@@ -1369,6 +1381,7 @@ class Router:
                 view = ClusterView(depth, len(cluster), total, max(total - active, 0))
         except RedisError as exc:
             log.warning("cluster metrics unavailable", extra={"error": str(exc)})
+        self.metrics.set_models(rows)
         self.metrics.set_cluster(view)
         return self.metrics.exposition()
 

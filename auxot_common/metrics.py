@@ -68,6 +68,59 @@ class ClusterView:
     free_slots: int
 
 
+@dataclass(slots=True)
+class ModelGauges:
+    """One model's pool on this router (``queue_depth``: its stream, reported once per cluster
+    like the other cluster gauges; None on the other instances)."""
+
+    workers: int
+    total_slots: int
+    free_slots: int
+    running: int
+    backlog: int
+    queue_depth: int | None = None
+
+
+class _ModelCollector(Collector):
+    """Per-model gauges from the pools as they are at scrape time (a model that left the
+    catalog disappears instead of keeping its last values)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, ModelGauges] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = {
+            "workers": GaugeMetricFamily(
+                "auxot_model_workers", "Workers serving the model on this router", labels=["model"]
+            ),
+            "total_slots": GaugeMetricFamily(
+                "auxot_model_slots", "Slots for the model on this router", labels=["model"]
+            ),
+            "free_slots": GaugeMetricFamily(
+                "auxot_model_slots_free", "Free slots for the model on this router", labels=["model"]
+            ),
+            "running": GaugeMetricFamily(
+                "auxot_model_jobs_running", "Jobs of the model running on this router's workers", labels=["model"]
+            ),
+            "backlog": GaugeMetricFamily(
+                "auxot_model_backlog", "Jobs of the model read by this router and waiting for a slot", labels=["model"]
+            ),
+        }
+        depth = GaugeMetricFamily(
+            "auxot_model_queue_depth", "Jobs of the model waiting in its stream (cluster)", labels=["model"]
+        )
+        for model, row in self.rows.items():
+            for field_name, family in families.items():
+                family.add_metric([model], getattr(row, field_name))
+            if row.queue_depth is not None:
+                depth.add_metric([model], row.queue_depth)
+        yield from families.values()
+        yield depth
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
 class _ClusterCollector(Collector):
     def __init__(self) -> None:
         self.view: ClusterView | None = None
@@ -155,6 +208,8 @@ class RouterMetrics:
         info.labels(version=version, instance=instance).set(1)
         self._cluster = _ClusterCollector()
         registry.register(self._cluster)
+        self._models = _ModelCollector()
+        registry.register(self._models)
 
     def observe_job(self, stats: JobStats) -> None:
         """Record a finished job (once). Token counts come from the worker's ``complete``."""
@@ -191,6 +246,10 @@ class RouterMetrics:
         self.slots_free.set(free_slots)
         self.jobs_running.set(running)
         self.requests_in_flight.set(in_flight)
+
+    def set_models(self, rows: dict[str, ModelGauges]) -> None:
+        """Workers, slots, running jobs, backlog (and, once per cluster, queue depth) per model."""
+        self._models.rows = rows
 
     def set_cluster(self, view: ClusterView | None) -> None:
         """The cluster gauges for the next scrape; ``None`` omits them (another instance reports)."""

@@ -59,6 +59,10 @@ def test_metrics_and_access_log_follow_real_requests(cluster: Cluster) -> None:
     assert value(before, "auxot_slots") == 2 == value(before, "auxot_slots_free")
     assert value(before, "auxot_queue_depth") == 0
     assert value(before, "auxot_worker_connects_total") == 1
+    # the same, per model (the only model here)
+    assert value(before, "auxot_model_workers", model=model) == 1
+    assert value(before, "auxot_model_slots", model=model) == 2 == value(before, "auxot_model_slots_free", model=model)
+    assert value(before, "auxot_model_queue_depth", model=model) == 0
 
     chat_url = f"{router.url}/api/openai/v1/chat/completions"
     prompt = [{"role": "user", "content": "Count from one to ten, please."}]
