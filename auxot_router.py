@@ -566,11 +566,19 @@ class JobHandle:
     dispatched_at: float = 0.0  # monotonic; 0 while it waits for a slot
     last_notice: float = field(default_factory=time.monotonic)
     final: proto.Complete | proto.Error | None = None
+    streamed_chars: int = 0  # text delivered to the caller (a usage estimate if it hangs up)
 
     def queue_ms(self) -> int:
         """Milliseconds it waited for a slot (so far, if it still waits)."""
         end = self.dispatched_at or time.monotonic()
         return int((end - self.submitted) * 1000)
+
+
+def estimated_tokens(handle: JobHandle) -> int:
+    """Prompt plus streamed text of a job that ended without a usage report, at ~4 bytes a token."""
+    job = handle.job
+    prompt_bytes = len(orjson.dumps(job.messages)) + (len(orjson.dumps(job.tools)) if job.tools else 0)
+    return (prompt_bytes + handle.streamed_chars) // 4
 
 
 @dataclass(slots=True)
@@ -668,6 +676,8 @@ class JobTracker:
                     handle.content_sent = True
                     if handle.stats.first_token_at is None:
                         handle.stats.first_token_at = time.monotonic()
+                    if kind is proto.Token:
+                        handle.streamed_chars += len(message.token)  # type: ignore[union-attr]
                 elif isinstance(message, proto.Dispatched):
                     handle.dispatched_to = (message.instance_id, message.worker_id)
                     handle.dispatched_at = handle.dispatched_at or time.monotonic()
@@ -1458,6 +1468,13 @@ class Router:
             self.job_seconds = busy_ms / 1000 if not self.job_seconds else 0.8 * self.job_seconds + 0.2 * busy_ms / 1000
         elif isinstance(final, proto.Error):
             counts["errors"] = 1
+        elif handle is not None and handle.dispatched_at:
+            # the caller left while its job ran: the worker was told to stop and never reports
+            # usage, so charge an estimate (prompt and streamed text at ~4 bytes a token) rather
+            # than nothing, or hanging up would be a way around the tokens-per-minute limit
+            tokens = estimated_tokens(handle)
+            streamed = handle.streamed_chars // 4
+            counts.update(prompt_tokens=tokens - streamed, completion_tokens=streamed)
         self.limiter.settle(ticket.key_name, ticket.limits, ticket.lease, tokens)
         self.usage.add(ticket.key_name, **counts)
 

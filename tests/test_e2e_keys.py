@@ -323,3 +323,30 @@ def test_usage_totals_equal_what_the_clients_were_told(fake_cluster: Cluster) ->
         return (rows[0]["prompt_tokens"], rows[0]["completion_tokens"], rows[0]["cached_tokens"]) if rows else (0, 0, 0)
 
     eventually(lambda: cli_totals() == (prompt, completion, cached), timeout=10)
+
+
+def test_hanging_up_mid_stream_still_counts_against_the_token_budget(fake_cluster: Cluster) -> None:
+    """A caller that leaves while its job streams gets no usage report from the worker (the job
+    is stopped); the router charges an estimate, so hanging up is no way around a TPM limit."""
+    router = fake_cluster.router(AUXOT_KEYS_REFRESH="0.2s", AUXOT_CTX_SIZE="8192")
+    fake_cluster.worker(router, FAKE_LLAMA_TOKENS_PER_SEC="20")
+    key = add_key(router, "hangup", "--tpm", "100000")
+    time.sleep(0.6)
+    client = oai(router, key)
+    prompt = "tell me a long story " * 200  # ~4,000 bytes: about 1,000 tokens by the estimate
+    stream = client.chat.completions.create(
+        model="m", max_tokens=500, stream=True, messages=[{"role": "user", "content": prompt}]
+    )
+    for index, _chunk in enumerate(stream):
+        if index == 3:
+            break
+    stream.close()  # hang up mid-stream
+
+    def remaining() -> int:
+        reply = client.chat.completions.with_raw_response.create(
+            model="m", max_tokens=1, messages=[{"role": "user", "content": "hi"}]
+        )
+        return int(reply.headers["x-ratelimit-remaining-tokens"])
+
+    # the estimate of the abandoned job (>= its prompt) was charged, not zero
+    eventually(lambda: remaining() <= 100000 - 900, timeout=10)
