@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 import orjson
 from aiohttp import WSMsgType, web
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -37,7 +38,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from auxot_common import anthropic_api as anthropic
-from auxot_common import eventloop
+from auxot_common import autoroute, eventloop, upstreams
 from auxot_common import keys as keystore
 from auxot_common import protocol as proto
 from auxot_common import responses_api as responses
@@ -96,6 +97,7 @@ from auxot_common.queue import RelayPublisher, StreamQueue
 from auxot_common.registry import ModelResolution, Registry, RegistryError, load_registry, resolve_model
 from auxot_common.responses_store import ResponseStore
 from auxot_common.routing import ROUTING_MODES, Choice, RoutingConfig, RoutingPolicy, make_policy, session_hint
+from auxot_common.routing_extras import ExtrasError, RoutingExtras, candidates, load_extras
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 from auxot_common.usage import FileUsage, RedisUsage, UsageStore
 
@@ -280,6 +282,18 @@ class RouterConfig:
         except (RegistryError, CatalogError, OSError, ValueError) as exc:
             raise ConfigError(str(exc)) from None
         return registry, catalog
+
+
+    def load_extras(self, catalog: ModelCatalog) -> RoutingExtras:
+        """``[auto]``, ``[upstreams.*]`` and ``[fallbacks]`` of the models file (none without one);
+        upstream keys are read from the environment variables the file names."""
+        if not self.models_file:
+            return RoutingExtras()
+        try:
+            text = Path(self.models_file).read_text(encoding="utf-8")
+            return load_extras(text, self.models_file, catalog, os.environ)
+        except (ExtrasError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def policy_from(resolution: ModelResolution, spec: ModelSpec | None = None) -> proto.Policy:
@@ -493,6 +507,7 @@ class Ticket:
     lease: str
     decision: Decision
     handle: JobHandle | None = None
+    upstream_usage: upstreams.Usage | None = None  # answered by an upstream provider, not a job
 
 
 class RateLimitedError(Exception):
@@ -520,6 +535,11 @@ class EventChannel:
     def put(self, item: proto.Message) -> None:
         self._items.append(item)
         self.wake()
+
+    @property
+    def pending(self) -> bool:
+        """Something arrived that the consumer has not taken yet (a dispatch, tokens, the end)."""
+        return bool(self._items)
 
     def wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -744,9 +764,10 @@ class JobTracker:
         if handle.side_worker is None:  # slot-free jobs (count_tokens) are not generation jobs
             self._router.metrics.observe_job(handle.stats)
 
-    def abandon(self, handle: JobHandle) -> None:
-        """The caller no longer waits (gone): stop the job wherever it is."""
-        self._stop(handle, "cancelled")
+    def abandon(self, handle: JobHandle, outcome: str = "cancelled") -> None:
+        """The caller no longer waits (gone), or the job went upstream (``overflow``): stop the
+        job wherever it is."""
+        self._stop(handle, outcome)
 
     def _stop(self, handle: JobHandle, outcome: str) -> None:
         if handle.finished:
@@ -820,6 +841,11 @@ class Router:
         self.redis_error = ""
         self.models_file_mtime = self._models_file_mtime()
         self.depths: dict[str, int] = {}  # queue depth per model, refreshed by the balancer
+        # automatic choice and upstreams (issue 15): the models file's [auto], [upstreams], [fallbacks]
+        self.extras = config.load_extras(self.catalog)
+        self.profiles = autoroute.ProfileBook(self.catalog.names)
+        self.upstream_stats: dict[str, upstreams.UpstreamStats] = {}
+        self.http: aiohttp.ClientSession | None = None  # for upstreams; opened by upstream_session
 
     def new_pool(self, spec: ModelSpec) -> ModelPool:
         """A pool for ``spec`` with its own routing policy (its own prefix index and stats)."""
@@ -1002,6 +1028,8 @@ class Router:
                 pool = self.pool.pool(running.job.model) or self.pool.pool(worker.model)
                 if pool is not None:
                     pool.on_complete(worker, running.job, message)
+                    if isinstance(message, proto.Complete):
+                        observe_profile(self.profiles, pool.name, message)
                 self._capacity_changed(worker)
                 if isinstance(message, proto.Error) and message.retryable:  # e.g. its llama-server died
                     self.route(running.job.reply_to, proto.WorkerLost(message.job_id, message.error))
@@ -1163,6 +1191,7 @@ class Router:
         try:
             fresh = RouterConfig.from_env(env)
             registry, catalog = fresh.load_catalog()
+            extras = fresh.load_extras(catalog)
         except ConfigError as exc:
             log.error("reload refused: the new configuration is invalid", extra={"error": str(exc)})
             return
@@ -1175,6 +1204,8 @@ class Router:
         )
         config.models, config.models_file = fresh.models, fresh.models_file
         self.registry, self.catalog = registry, catalog
+        self.extras = extras
+        self.profiles.reset_names(catalog.names)
         self.queue.single_stream = self.single_model
         self.models_file_mtime = self._models_file_mtime()
         self._set_default()
@@ -1475,6 +1506,14 @@ class Router:
             tokens = estimated_tokens(handle)
             streamed = handle.streamed_chars // 4
             counts.update(prompt_tokens=tokens - streamed, completion_tokens=streamed)
+        upstream = ticket.upstream_usage
+        if upstream is not None:  # the answer came from an upstream provider: no GPU time here
+            tokens = upstream.input_tokens + upstream.output_tokens
+            counts = {
+                "requests": 1,
+                "prompt_tokens": upstream.input_tokens,
+                "completion_tokens": upstream.output_tokens,
+            }
         self.limiter.settle(ticket.key_name, ticket.limits, ticket.lease, tokens)
         self.usage.add(ticket.key_name, **counts)
 
@@ -1889,35 +1928,272 @@ def job_from(request_: JobRequest, kind: str, job_id: str, model: str = "") -> p
     )
 
 
+# --- automatic model choice and upstream providers (issue 15): the policy is in
+# auxot_common/autoroute.py and auxot_common/upstreams.py; these helpers only wire it in -----------
+
+OVERFLOW_POLL_S = 0.05  # how often a job with an overflow fallback looks whether a worker took it
+
+
+@dataclass(slots=True)
+class Route:
+    """Where one request goes: a local model's queue (``spec``), or an upstream provider; with
+    ``overflow``, the job waits in our queue at most ``overflow.after_s`` before going upstream."""
+
+    spec: ModelSpec | None
+    upstream: upstreams.UpstreamSpec | None = None
+    overflow: upstreams.FallbackSpec | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # x-auxot-routed-model, x-auxot-route-reason
+    auto: bool = False
+    signature: bool = False
+
+    def go_upstream(self, upstream: upstreams.UpstreamSpec, reason: str) -> None:
+        self.spec, self.upstream, self.overflow = None, upstream, None
+        if self.auto:
+            reason = f"{self.headers.get(autoroute.ROUTE_REASON_HEADER, '')}; {reason}".lstrip("; ")
+        self.headers[autoroute.ROUTED_MODEL_HEADER] = upstream.name
+        self.headers[autoroute.ROUTE_REASON_HEADER] = autoroute.Choice(upstream.name, reason).header_reason
+
+
+def observe_profile(profiles: autoroute.ProfileBook, model: str, message: proto.Complete) -> None:
+    """A job this instance's worker finished: its prefill and decode speeds update the model's profile."""
+    decode_ms = max(message.duration_ms - message.prompt_ms, 0.0)
+    profiles.observe(
+        model,
+        prompt_tokens=message.input_tokens,
+        cached_tokens=message.cache_tokens,
+        prefill_s=message.prompt_ms / 1000,
+        output_tokens=message.output_tokens,
+        decode_s=decode_ms / 1000,
+    )
+
+
+def workers_serving(router: Router, model: str) -> int:
+    """Workers connected to this instance that serve ``model`` now (slots announced)."""
+    pool = router.pool.pools.get(model)
+    return sum(1 for w in pool.workers.values() if w.slots > 0) if pool is not None else 0
+
+
+def find_upstream(router: Router, requested: str) -> upstreams.UpstreamSpec | None:
+    wanted = requested.strip().lower()
+    return next((u for u in router.extras.upstreams.values() if u.name.lower() == wanted), None)
+
+
+def relayable(upstream: upstreams.UpstreamSpec, api: str) -> bool:
+    """Whether a request of ``api`` can go to ``upstream`` (legacy completions never do; the
+    Responses API is passed through, so it needs an OpenAI-compatible upstream)."""
+    return api in ("chat", "messages") or (api == "responses" and upstream.api == "openai")
+
+
+async def route_request(request: web.Request, requested: str, chat: JobRequest | None, *, api: str) -> Route:
+    """Pick where a request goes: ``auto`` (constraints, then the rules or the classifier), an
+    upstream named as a model, or a local model (with its fallback). Raises RequestError."""
+    router = request.app[ROUTER]
+    key_name = request.get("auxot_key_name", "")
+    extras = router.extras
+    auto = extras.auto
+    if auto is not None and chat is not None and auto.is_auto(requested):
+        allowed = {n: u for n, u in extras.upstreams.items() if relayable(u, api)}
+        served = {spec.name: workers_serving(router, spec.name) for spec in router.catalog.specs}
+        pool = candidates(router.catalog, served, router.profiles, upstreams=allowed, key_name=key_name)
+        traits = autoroute.traits_from(
+            chat.messages,
+            chat.tools,
+            max_tokens=chat.max_tokens,
+            reasoning_effort=chat.reasoning_effort,
+            params=chat.params,
+            key_name=key_name,
+        )
+        classifier = (lambda prompt: run_classifier(router, prompt)) if auto.policy == "classify" else None
+        started = time.monotonic()
+        try:
+            choice = await autoroute.choose(auto, traits, pool, classifier)
+        except autoroute.AutoRouteError as exc:
+            raise RequestError(exc.status, exc.message, param="model") from None
+        log.info(
+            "auto route",
+            extra={"model": choice.model, "reason": choice.reason, "ms": round((time.monotonic() - started) * 1000, 1)},
+        )
+        headers = {autoroute.ROUTED_MODEL_HEADER: choice.model, autoroute.ROUTE_REASON_HEADER: choice.header_reason}
+        upstream = extras.upstreams.get(choice.model)
+        if upstream is not None:
+            return Route(None, upstream, headers=headers, auto=True)
+        spec = router.catalog.get(choice.model)
+        if spec is None:  # pragma: no cover - candidates come from the catalog
+            raise ModelNotFoundError(choice.model, router.catalog.names)
+        route = Route(spec, headers=headers, auto=True, signature=auto.signature)
+    else:
+        upstream = find_upstream(router, requested)
+        if upstream is not None:
+            if not upstream.may_use(key_name):
+                raise RequestError(403, f"this API key may not use the upstream model {upstream.name}", param="model")
+            if not relayable(upstream, api):
+                raise RequestError(400, f"the upstream model {upstream.name} cannot serve this API", param="model")
+            return Route(None, upstream, headers={autoroute.ROUTED_MODEL_HEADER: upstream.name})
+        route = Route(request_model(router, requested))
+    spec = route.spec
+    fallback = extras.fallbacks.get(spec.name) if spec is not None else None
+    if spec is not None and fallback is not None:
+        target = extras.upstreams[fallback.upstream]
+        if target.may_use(key_name) and relayable(target, api):  # off-premises only for keys allowed
+            if fallback.at_arrival(workers_serving(router, spec.name)):
+                route.go_upstream(target, f"fallback of {spec.name} ({fallback.when})")
+            elif fallback.when == "overflow":
+                route.overflow = fallback
+    return route
+
+
+async def run_classifier(router: Router, prompt: autoroute.ClassifierPrompt) -> str:
+    """The classifier's few-token completion, as an internal job through our own queue (no key,
+    no usage); ``autoroute.choose`` bounds it with its timeout, and a cancelled wait stops the job."""
+    auto = router.extras.auto
+    assert auto is not None
+    job = proto.Job(
+        job_id=new_id("classify-"),
+        model=auto.classifier,
+        messages=prompt.messages,
+        max_tokens=prompt.max_tokens,
+        temperature=0.0,
+        stream=False,
+        kind="chat",
+        params=prompt.params,
+    )
+    handle = await router.tracker.submit(job)
+    try:
+        final = await wait_final(router, handle)
+    finally:
+        router.tracker.abandon(handle)
+    if isinstance(final, proto.Error):
+        raise RuntimeError(final.error)
+    return final.full_response
+
+
+async def overflow_due(router: Router, handle: JobHandle, fallback: upstreams.FallbackSpec) -> bool:
+    """Wait while the job is in our queue; True when it waited ``after_s`` and no worker took it:
+    it is then taken out of the queue (abandoned: no dispatcher runs it), so it never runs twice."""
+    while True:
+        if handle.finished or handle.dispatched_at or handle.events.pending or time.time() >= handle.deadline:
+            return False
+        waited = time.monotonic() - handle.submitted
+        if fallback.overflow_due(waited, dispatched=handle.dispatched_to is not None):
+            router.tracker.abandon(handle, "overflow")
+            return True
+        await asyncio.sleep(max(0.0, min(OVERFLOW_POLL_S, fallback.after_s - waited)))
+
+
+def upstream_error_renderer(request: web.Request, api: str) -> upstreams.ErrorRenderer:
+    def render(status: int, message: str, retry_after: int | None) -> web.StreamResponse:
+        if api == "responses":
+            response = responses_error(status, message, "upstream_error")
+            if retry_after is not None:
+                response.headers["Retry-After"] = str(retry_after)
+            return response
+        return error_response(request, status, message, retry_after=retry_after)
+
+    return render
+
+
+async def answer_upstream(request: web.Request, route: Route, api: str, body: dict[str, Any]) -> web.StreamResponse:
+    """Relay the request to ``route.upstream``, under the caller's key: admitted against its limits
+    (unless the request already holds a ticket: an overflowed job), its tokens settled as usage."""
+    router = request.app[ROUTER]
+    upstream = route.upstream
+    assert upstream is not None
+    if router.http is None:
+        raise RequestError(503, "upstream providers are not available (the router is not started)")
+    ticket: Ticket | None = request.get("auxot_ticket")
+    own = ticket is None or ticket.handle is None
+    if own:
+        ticket = await router.admit(request)
+    assert ticket is not None
+    stats = router.upstream_stats.setdefault(upstream.name, upstreams.UpstreamStats())
+    status = "cancelled"
+    try:
+        result = await upstreams.relay(
+            request,
+            router.http,
+            upstream,
+            caller_api=api,
+            body=body,
+            render_error=upstream_error_renderer(request, api),
+            stats=stats,
+            extra_headers=route.headers,
+        )
+        status = str(result.status)
+        ticket.upstream_usage = result.usage
+        router.metrics.upstream_tokens.labels(upstream.name, "prompt").inc(result.usage.input_tokens)
+        router.metrics.upstream_tokens.labels(upstream.name, "completion").inc(result.usage.output_tokens)
+        if result.status >= 400:
+            router.usage.add(ticket.key_name, errors=1)
+        return result.response
+    finally:
+        router.metrics.upstream_requests.labels(upstream.name, status).inc()
+        if own:
+            router.settle(ticket)
+
+
+class SignedStream:
+    """An encoder that appends the ``[auto] signature`` line before the end of the answer."""
+
+    def __init__(self, inner: Any, model: str) -> None:
+        self._inner = inner
+        self._line = autoroute.signature_line(model)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def on_complete(self, msg: proto.Complete) -> bytes:
+        msg.full_response += self._line
+        return bytes(self._inner.on_token(proto.Token(job_id=msg.job_id, token=self._line))) + bytes(
+            self._inner.on_complete(msg)
+        )
+
+
+def sign(route: Route, final: proto.Complete) -> None:
+    """The signature line on a whole (non-streamed) answer, when ``[auto] signature`` is on."""
+    if route.signature and route.spec is not None:
+        final.full_response += autoroute.signature_line(route.spec.name)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    chat = parse_chat_request(await read_json(request))
-    return await run_openai_job(request, chat, "chat")
+    raw = await read_json(request)
+    chat = parse_chat_request(raw)
+    return await run_openai_job(request, chat, "chat", raw)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    chat = parse_completion_request(await read_json(request))
-    return await run_openai_job(request, chat, "completion")
+    raw = await read_json(request)
+    chat = parse_completion_request(raw)
+    return await run_openai_job(request, chat, "completion", raw)
 
 
-async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str) -> web.StreamResponse:
+async def run_openai_job(request: web.Request, chat: ChatRequest, kind: str, raw: Any = None) -> web.StreamResponse:
     router = request.app[ROUTER]
-    spec = request_model(router, chat.model)
+    route = await route_request(request, chat.model or "", chat, api=kind)
+    if route.spec is None:
+        return await answer_upstream(request, route, kind, raw)
+    spec = route.spec
     completion_id = new_id("chatcmpl-" if kind == "chat" else "cmpl-")
-    model = served_name(router, chat.model, spec)
+    model = spec.name if route.auto else served_name(router, chat.model, spec)
     created = int(time.time())
     job = job_from(chat, kind, completion_id, spec.name)
     job.session = session_hint(request.headers, chat.params)
     async with submitted(request, job, kind) as handle:
+        if route.overflow is not None and await overflow_due(router, handle, route.overflow):
+            route.go_upstream(router.extras.upstreams[route.overflow.upstream], f"overflow of {spec.name}")
+            return await answer_upstream(request, route, kind, raw)
         if not chat.stream:
             final = await wait_final(router, handle)
             if isinstance(final, proto.Error):
-                return job_error_response(request, final)
+                return job_error_response(request, final, route.headers)
+            sign(route, final)
             build = chat_completion_body if kind == "chat" else completion_body
             body = build(final, completion_id=completion_id, model=model, created=created)
-            return json_response(body, headers=served_by_headers(handle, final))
+            return json_response(body, headers={**route.headers, **served_by_headers(handle, final)})
         encoder_cls = OpenAIChatStream if kind == "chat" else OpenAICompletionStream
-        encoder = encoder_cls(completion_id, model, created, chat.include_usage)
-        return await stream_job(request, router, handle, encoder)
+        encoder: StreamEncoder = encoder_cls(completion_id, model, created, chat.include_usage)
+        if route.signature:
+            encoder = SignedStream(encoder, spec.name)
+        return await stream_job(request, router, handle, encoder, headers=route.headers)
 
 
 @contextlib.asynccontextmanager
@@ -1961,11 +2237,16 @@ def served_by_headers(handle: JobHandle, final: proto.Complete | None = None) ->
     return headers
 
 
-def job_error_response(request: web.Request, error: proto.Error) -> web.Response:
+def job_error_response(
+    request: web.Request, error: proto.Error, headers: dict[str, str] | None = None
+) -> web.Response:
     """A job failure as an HTTP error: llama-server's 4xx (prompt too long) stay 400s."""
     status = error.status if error.status in (502, 503, 504) else 400 if 400 <= error.status < 500 else 500
     message = error.error + (f": {error.details}" if error.details else "")
-    return error_response(request, status, message)
+    response = error_response(request, status, message)
+    if headers:
+        response.headers.update(headers)
+    return response
 
 
 class StreamEncoder(Protocol):
@@ -1989,6 +2270,7 @@ async def stream_job(
     keepalive: bytes = KEEPALIVE,
     *,
     early_error: Callable[[proto.Error], web.Response] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
     """Relay a job as SSE.
 
@@ -2006,7 +2288,7 @@ async def stream_job(
             progress = next((m for m in batch if isinstance(m, proto.PromptProgress)), None)
             if progress is not None and hasattr(encoder, "on_prompt_size"):
                 encoder.on_prompt_size(progress.total, progress.cached)  # message_start's input_tokens
-            response = web.StreamResponse(headers={**SSE_HEADERS, **served_by_headers(handle)})
+            response = web.StreamResponse(headers={**SSE_HEADERS, **(headers or {}), **served_by_headers(handle)})
             await response.prepare(request)
             await write_within(request, response, encoder.start(), write_timeout)
         if not batch:
@@ -2066,7 +2348,28 @@ def model_entry(router: Router, spec: ModelSpec, anthropic_shape: bool) -> dict[
         if spec.embedding:
             obj["embedding"] = True
     obj["serving"] = serving
+    if not spec.embedding:  # issue 15: capabilities and the measured profile (automatic choice reads them)
+        listed = candidates(router.catalog, {spec.name: serving}, router.profiles)
+        candidate = next((c for c in listed if c.name == spec.name), None)
+        if candidate is not None:
+            obj["auxot"] = autoroute.model_listing_fields(candidate, router.profiles.get(spec.name))
     return obj
+
+
+def virtual_entries(router: Router, anthropic_shape: bool) -> list[dict[str, Any]]:
+    """``auto`` and the upstream models, after the local ones (upstreams show no key, no URL)."""
+    names: list[tuple[str, dict[str, Any]]] = []
+    auto = router.extras.auto
+    if auto is not None:
+        names.append((auto.name, {"auto": True, "aliases": list(auto.aliases), "policy": auto.policy}))
+    for upstream in router.extras.upstreams.values():
+        names.append((upstream.name, {"upstream": upstream.public()}))
+    out = []
+    for name, extra in names:
+        obj = anthropic.model_object(name) if anthropic_shape else model_object(name, router.started)
+        obj.update(extra)
+        out.append(obj)
+    return out
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -2075,7 +2378,7 @@ async def list_models(request: web.Request) -> web.Response:
     router = request.app[ROUTER]
     specs = sorted(router.catalog.specs, key=lambda s: s is not router.catalog.default)
     shape = is_anthropic(request)
-    data = [model_entry(router, spec, shape) for spec in specs]
+    data = [model_entry(router, spec, shape) for spec in specs] + virtual_entries(router, shape)
     if shape:
         first, last = data[0]["id"], data[-1]["id"]
         return json_response({"data": data, "first_id": first, "has_more": False, "last_id": last})
@@ -2178,22 +2481,33 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     if parsed.dropped_tools:
         log.info("responses: hosted tools dropped", extra={"tools": sorted(set(parsed.dropped_tools))})
     response_id = responses.new_id("resp_")
-    spec = request_model(router, parsed.chat.model)
-    model = served_name(router, parsed.chat.model, spec)
+    route = await route_request(request, parsed.chat.model or "", parsed.chat, api="responses")
+    if route.spec is None:
+        return await answer_upstream(request, route, "responses", body)
+    spec = route.spec
+    model = spec.name if route.auto else served_name(router, parsed.chat.model, spec)
     created = int(time.time())
     job = job_from(parsed.chat, "chat", new_id("chatcmpl-"), spec.name)
     job.session = session_hint(request.headers, body if isinstance(body, dict) else {})  # prompt_cache_key
     headers = {"x-auxot-dropped-tools": ",".join(sorted(set(parsed.dropped_tools)))} if parsed.dropped_tools else {}
+    headers.update(route.headers)
     async with submitted(request, job, "responses") as handle:
+        if route.overflow is not None and await overflow_due(router, handle, route.overflow):
+            route.go_upstream(router.extras.upstreams[route.overflow.upstream], f"overflow of {spec.name}")
+            return await answer_upstream(request, route, "responses", body)
         if not parsed.chat.stream:
             final = await wait_final(router, handle)
             if isinstance(final, proto.Error):
                 return responses_job_error(final)
+            sign(route, final)
             result = responses.response_body(final, parsed, response_id=response_id, model=model, created_at=created)
             result["store"] = parsed.store and await store_response(store, result, parsed)
             return json_response(result, headers={**headers, **served_by_headers(handle, final)})
         encoder = responses.ResponsesStream(parsed, response_id, model, created)
-        streamed = await stream_job(request, router, handle, encoder, early_error=responses_job_error)
+        signed: StreamEncoder = SignedStream(encoder, spec.name) if route.signature else encoder
+        streamed = await stream_job(
+            request, router, handle, signed, early_error=responses_job_error, headers=route.headers
+        )
         if encoder.final is not None and parsed.store:
             await store_response(store, encoder.final, parsed)
         return streamed
@@ -2241,28 +2555,47 @@ async def responses_get(request: web.Request) -> web.Response:
 async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER]
     body = await read_json(request)
-    requested = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else ""
-    spec = request_model(router, requested)
+    requested: str = body["model"] if isinstance(body, dict) and isinstance(body.get("model"), str) else ""
+    auto = router.extras.auto
+    if auto is not None and auto.is_auto(requested):  # the traits need the translated request first
+        try:
+            chat = anthropic.translate_request(body)
+        except anthropic.AnthropicError as exc:
+            return error_response(request, exc.status, exc.message)
+        route = await route_request(request, requested, chat, api="messages")
+    else:
+        route = await route_request(request, requested, None, api="messages")
+    if route.spec is None:
+        return await answer_upstream(request, route, "messages", body)
+    spec = route.spec
     try:
         chat = anthropic.translate_request(body, max_output_tokens=spec.resolution.context_size)
     except anthropic.AnthropicError as exc:
         return error_response(request, exc.status, exc.message)
     message_id = new_id("msg_")
-    model = served_name(router, chat.model, spec)
+    model = spec.name if route.auto else served_name(router, chat.model, spec)
     stop_sequences = body.get("stop_sequences") if isinstance(body.get("stop_sequences"), list) else None
     job = job_from(chat, "chat", new_id("chatcmpl-"), spec.name)
     job.session = session_hint(request.headers, chat.params)
     async with submitted(request, job, "messages") as handle:
+        if route.overflow is not None and await overflow_due(router, handle, route.overflow):
+            route.go_upstream(router.extras.upstreams[route.overflow.upstream], f"overflow of {spec.name}")
+            return await answer_upstream(request, route, "messages", body)
         if not chat.stream:
             final = await wait_final(router, handle)
             if isinstance(final, proto.Error):
-                return job_error_response(request, final)
+                return job_error_response(request, final, route.headers)
+            sign(route, final)
             return json_response(
                 anthropic.build_message(final, message_id=message_id, model=model, stop_sequences=stop_sequences),
-                headers=served_by_headers(handle, final),
+                headers={**route.headers, **served_by_headers(handle, final)},
             )
-        encoder = anthropic.AnthropicStream(message_id, model, stop_sequences=stop_sequences)
-        return await stream_job(request, router, handle, encoder, keepalive=anthropic.AnthropicStream.ping())
+        encoder: StreamEncoder = anthropic.AnthropicStream(message_id, model, stop_sequences=stop_sequences)
+        if route.signature:
+            encoder = SignedStream(encoder, spec.name)
+        return await stream_job(
+            request, router, handle, encoder, keepalive=anthropic.AnthropicStream.ping(), headers=route.headers
+        )
 
 
 TOKEN_COUNT_HEADER = "x-auxot-token-count"
@@ -2616,6 +2949,19 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     router.usage_admins.close()
 
 
+async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+    """The router's one HTTP client for upstream providers (pooled connections), closed at shutdown."""
+    router = app[ROUTER]
+    router.http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=256), auto_decompress=True, trust_env=False
+    )
+    try:
+        yield
+    finally:
+        await router.http.close()
+        router.http = None
+
+
 async def drain(router: Router) -> None:
     """Take no new requests and let the ones in flight finish, up to the grace period.
 
@@ -2712,6 +3058,7 @@ def create_app(config: RouterConfig, redis: Redis | None = None) -> web.Applicat
         access_log.setLevel(logging.INFO)
     add_routes(app)
     app.cleanup_ctx.append(background_tasks)
+    app.cleanup_ctx.append(upstream_session)
     app.on_shutdown.append(close_worker_sockets)
     app.on_response_prepare.append(add_account_headers)
     return app

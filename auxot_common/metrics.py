@@ -197,6 +197,14 @@ class RouterMetrics:
         )
         self.worker_connects = Counter("auxot_worker_connects", "Workers accepted on this router", registry=registry)
         self.worker_disconnects = Counter("auxot_worker_disconnects", "Worker sockets closed", registry=registry)
+        self.upstream_requests = Counter(
+            "auxot_upstream_requests", "Requests relayed to an upstream provider, by outcome (HTTP status)",
+            ["upstream", "status"], registry=registry,
+        )  # fmt: skip
+        self.upstream_tokens = Counter(
+            "auxot_upstream_tokens", "Tokens an upstream provider reported (direction: prompt, completion)",
+            ["upstream", "direction"], registry=registry,
+        )  # fmt: skip
         self.jobs_running = Gauge("auxot_jobs_running", "Jobs running on this router's workers", registry=registry)
         self.workers = Gauge("auxot_workers_connected", "Workers connected to this router", registry=registry)
         self.slots_total = Gauge("auxot_slots", "Slots of this router's workers", registry=registry)

@@ -186,7 +186,9 @@ def test_requests_reach_the_model_they_name(cluster: Cluster, tmp_path: Path, hf
 
     listed = {m.id: m for m in openai_client.models.list()}
     assert list(listed) == ["Tiny-Alpha", "Tiny-Beta"]  # the default first
-    assert listed["Tiny-Beta"].model_extra == {
+    extra = dict(listed["Tiny-Beta"].model_extra or {})
+    assert extra.pop("auxot")["measured_jobs"] == 3  # issue 15: profiles from the jobs it served
+    assert extra == {
         "context_length": 512, "aliases": ["claude-*haiku*", "fast"], "default": False, "serving": True,
     }  # fmt: skip
     assert [m.id for m in anthropic_client.models.list()] == ["Tiny-Alpha", "Tiny-Beta"]
