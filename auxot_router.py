@@ -977,7 +977,16 @@ class Router:
         self.relay.send(owner, raw if raw is not None else proto.encode(message))
         return True
 
-    async def on_worker_message(self, worker: WorkerConnection, raw: bytes | None, message: proto.Message) -> None:
+    async def on_worker_message(
+        self,
+        worker: WorkerConnection,
+        raw: bytes | None,
+        message: proto.Message,
+        acks: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """Handle one message of ``worker``. With ``acks``, finished queue entries are added to it
+        as ``(model, entry id)`` for the caller to acknowledge at once for a whole batch frame
+        (:meth:`ack_all`); without, each is acknowledged here."""
         kind = type(message)
         if kind is proto.Token or kind is proto.ToolCallDelta or kind is proto.PromptProgress:
             assert isinstance(message, proto.Token | proto.ToolCallDelta | proto.PromptProgress)
@@ -997,7 +1006,10 @@ class Router:
                     self.route(running.job.reply_to, proto.WorkerLost(message.job_id, message.error))
                 else:
                     self.route(running.job.reply_to, message, raw)
-                await self.ack([running.entry_id], running.job.model)
+                if acks is not None:  # the batch's entries in one round trip, after every event went out
+                    acks.append((running.job.model, running.entry_id))
+                else:
+                    await self.ack([running.entry_id], running.job.model)
                 if pool is not None:  # the freed slot goes to the fair backlog's next job
                     await self._dispatch_backlog(pool)
         elif isinstance(message, proto.Heartbeat):
@@ -1080,6 +1092,14 @@ class Router:
                 log.warning(
                     "could not acknowledge jobs; will retry", extra={"entries": len(self.unacked), "error": str(exc)}
                 )
+
+    async def ack_all(self, acks: list[tuple[str, str]]) -> None:
+        """Finish ``(model, entry id)`` pairs of several models (one round trip per model)."""
+        by_model: dict[str, list[str]] = {}
+        for model, entry_id in acks:
+            by_model.setdefault(model, []).append(entry_id)
+        for model, ids in by_model.items():
+            await self.ack(ids, model)
 
     async def _stop_on_worker(self, worker: WorkerConnection, job_id: str) -> None:
         running = worker.running.pop(job_id, None)
@@ -2454,8 +2474,15 @@ async def serve_worker(router: Router, worker: WorkerConnection) -> None:
                 log.warning("bad message from worker", extra={"worker_id": worker.worker_id, "error": str(exc)})
                 continue
             if type(message) is proto.Batch:  # events of several jobs that were ready together
-                for inner in message.messages:
-                    await router.on_worker_message(worker, None, inner)
+                # every job's event goes out first; the entries the batch finished are then
+                # acknowledged in one round trip (not one each while the other callers wait)
+                acks: list[tuple[str, str]] = []
+                try:
+                    for inner in message.messages:
+                        await router.on_worker_message(worker, None, inner, acks)
+                finally:
+                    if acks:
+                        await router.ack_all(acks)
             else:
                 await router.on_worker_message(worker, msg.data, message)
         if worker.ws.close_code not in (None, 1000, 1001):
