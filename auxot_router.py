@@ -1998,6 +1998,10 @@ async def stream_job(
                 encoder.on_prompt_size(progress.total, progress.cached)  # message_start's input_tokens
             response = web.StreamResponse(headers={**SSE_HEADERS, **served_by_headers(handle)})
             await response.prepare(request)
+            if batch and not isinstance(batch[0], QueueNotice):  # the start and the first events: one write
+                start = encoder.start()
+                await write_within(request, response, start + encode_batch(handle, encoder, batch), write_timeout)
+                continue
             await write_within(request, response, encoder.start(), write_timeout)
         if not batch:
             await write_within(request, response, keepalive, write_timeout)
@@ -2011,10 +2015,19 @@ async def stream_job(
     return response
 
 
+WRITE_FAST_PATH_BYTES = 16 * 1024  # below asyncio's default 64 KiB high-water mark
+
+
 async def write_within(request: web.Request, response: web.StreamResponse, data: bytes, timeout: float) -> None:
     """A write that gives up when the caller stops reading: the connection is closed, the
     handler ends (its caller ``abandon``s the job) and the request slot is free."""
     if not data:
+        return
+    transport = request.transport
+    if transport is not None and len(data) <= WRITE_FAST_PATH_BYTES and not transport.get_write_buffer_size():
+        # nothing waits in the socket's buffer and this fits below its high-water mark: the write
+        # cannot wait for the caller, so it needs no timer (the common case: one per token batch)
+        await response.write(data)
         return
     try:
         async with asyncio.timeout(timeout):
