@@ -1013,7 +1013,16 @@ class Router:
         self.relay.send(owner, raw if raw is not None else proto.encode(message))
         return True
 
-    async def on_worker_message(self, worker: WorkerConnection, raw: bytes | None, message: proto.Message) -> None:
+    async def on_worker_message(
+        self,
+        worker: WorkerConnection,
+        raw: bytes | None,
+        message: proto.Message,
+        acks: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """Handle one message of ``worker``. With ``acks``, finished queue entries are added to it
+        as ``(model, entry id)`` for the caller to acknowledge at once for a whole batch frame
+        (:meth:`ack_all`); without, each is acknowledged here."""
         kind = type(message)
         if kind is proto.Token or kind is proto.ToolCallDelta or kind is proto.PromptProgress:
             assert isinstance(message, proto.Token | proto.ToolCallDelta | proto.PromptProgress)
@@ -1035,7 +1044,10 @@ class Router:
                     self.route(running.job.reply_to, proto.WorkerLost(message.job_id, message.error))
                 else:
                     self.route(running.job.reply_to, message, raw)
-                await self.ack([running.entry_id], running.job.model)
+                if acks is not None:  # the batch's entries in one round trip, after every event went out
+                    acks.append((running.job.model, running.entry_id))
+                else:
+                    await self.ack([running.entry_id], running.job.model)
                 if pool is not None:  # the freed slot goes to the fair backlog's next job
                     await self._dispatch_backlog(pool)
         elif isinstance(message, proto.Heartbeat):
@@ -1118,6 +1130,14 @@ class Router:
                 log.warning(
                     "could not acknowledge jobs; will retry", extra={"entries": len(self.unacked), "error": str(exc)}
                 )
+
+    async def ack_all(self, acks: list[tuple[str, str]]) -> None:
+        """Finish ``(model, entry id)`` pairs of several models (one round trip per model)."""
+        by_model: dict[str, list[str]] = {}
+        for model, entry_id in acks:
+            by_model.setdefault(model, []).append(entry_id)
+        for model, ids in by_model.items():
+            await self.ack(ids, model)
 
     async def _stop_on_worker(self, worker: WorkerConnection, job_id: str) -> None:
         running = worker.running.pop(job_id, None)
@@ -2290,6 +2310,10 @@ async def stream_job(
                 encoder.on_prompt_size(progress.total, progress.cached)  # message_start's input_tokens
             response = web.StreamResponse(headers={**SSE_HEADERS, **(headers or {}), **served_by_headers(handle)})
             await response.prepare(request)
+            if batch and not isinstance(batch[0], QueueNotice):  # the start and the first events: one write
+                start = encoder.start()
+                await write_within(request, response, start + encode_batch(handle, encoder, batch), write_timeout)
+                continue
             await write_within(request, response, encoder.start(), write_timeout)
         if not batch:
             await write_within(request, response, keepalive, write_timeout)
@@ -2303,10 +2327,19 @@ async def stream_job(
     return response
 
 
+WRITE_FAST_PATH_BYTES = 16 * 1024  # below asyncio's default 64 KiB high-water mark
+
+
 async def write_within(request: web.Request, response: web.StreamResponse, data: bytes, timeout: float) -> None:
     """A write that gives up when the caller stops reading: the connection is closed, the
     handler ends (its caller ``abandon``s the job) and the request slot is free."""
     if not data:
+        return
+    transport = request.transport
+    if transport is not None and len(data) <= WRITE_FAST_PATH_BYTES and not transport.get_write_buffer_size():
+        # nothing waits in the socket's buffer and this fits below its high-water mark: the write
+        # cannot wait for the caller, so it needs no timer (the common case: one per token batch)
+        await response.write(data)
         return
     try:
         async with asyncio.timeout(timeout):
@@ -2817,8 +2850,15 @@ async def serve_worker(router: Router, worker: WorkerConnection) -> None:
                 log.warning("bad message from worker", extra={"worker_id": worker.worker_id, "error": str(exc)})
                 continue
             if type(message) is proto.Batch:  # events of several jobs that were ready together
-                for inner in message.messages:
-                    await router.on_worker_message(worker, None, inner)
+                # every job's event goes out first; the entries the batch finished are then
+                # acknowledged in one round trip (not one each while the other callers wait)
+                acks: list[tuple[str, str]] = []
+                try:
+                    for inner in message.messages:
+                        await router.on_worker_message(worker, None, inner, acks)
+                finally:
+                    if acks:
+                        await router.ack_all(acks)
             else:
                 await router.on_worker_message(worker, msg.data, message)
         if worker.ws.close_code not in (None, 1000, 1001):

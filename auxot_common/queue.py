@@ -45,6 +45,7 @@ from redis.exceptions import ResponseError
 
 from auxot_common.models import model_key
 from auxot_common.protocol import Job, ProtocolError, decode
+from auxot_common.turnbatch import TurnBatch
 
 log = logging.getLogger("auxot.queue")
 
@@ -95,6 +96,7 @@ class StreamQueue:
         # one model configured with AUXOT_MODEL: its jobs stay on ``{p}jobs``, the key of every
         # release before several models, so an upgrade finds the jobs already queued
         self.single_stream = False
+        self._adds: TurnBatch[tuple[str, str, bytes], Any] = TurnBatch(self._xadd_all)
 
     # --- keys -----------------------------------------------------------------------------------
 
@@ -135,11 +137,20 @@ class StreamQueue:
 
     async def enqueue(self, job: Job, data: bytes) -> str:
         """Append a job (``data`` is its encoded message) to its model's stream and wake local
-        readers."""
-        entry_id = await self.redis.xadd(self.stream_key(job.model), {"job_id": job.job_id, "data": data})
+        readers. The jobs queued in one loop turn go to Redis in one pipeline (``TurnBatch``)."""
+        entry_id = await self._adds.submit((self.stream_key(job.model), job.job_id, data))
         self._waiting[job.model] += 1
         self._jobs_added[job.model].set()
         return _text(entry_id)
+
+    async def _xadd_all(self, items: list[tuple[str, str, bytes]]) -> list[Any]:
+        if len(items) == 1:  # alone in its turn: no pipeline to build
+            key, job_id, data = items[0]
+            return [await self.redis.xadd(key, {"job_id": job_id, "data": data})]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, job_id, data in items:
+                pipe.xadd(key, {"job_id": job_id, "data": data})
+            return list(await pipe.execute(raise_on_error=False))
 
     async def depth(self, model: str = "") -> int:
         """Jobs of ``model`` waiting for a worker: entries not yet delivered to any instance."""

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -447,9 +447,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64 × 50/s only, short windows: under 2 minutes")
     parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES),
                         help=f"comma-separated, of {','.join(SCENARIO_NAMES)} (default all; '' for none)")
+    parser.add_argument("--skip-grid", action="store_true", help="only the scenarios, not the token-path grid")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
+    if args.skip_grid:
+        plan = replace(plan, speeds=())
 
     def report(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -87,8 +87,9 @@ class SimWorker:
             if job.stream:
                 start = loop_time()
                 for i in range(n):
-                    if rate > 0:  # on a fixed schedule, so a late wake-up does not slow the rate
-                        await asyncio.sleep(max(start + (i + 1) / rate - loop_time(), 0.0))
+                    if rate > 0 and i:  # on a fixed schedule, so a late wake-up does not slow the rate;
+                        # the first token at once, as the fake llama-server of the direct row sends it
+                        await asyncio.sleep(max(start + i / rate - loop_time(), 0.0))
                     await self.send(proto.encode(proto.Token(job_id=job.job_id, token=" tok")))
             elif rate > 0:
                 await asyncio.sleep(n / rate)
