@@ -963,17 +963,29 @@ class Router:
             await self.ack(drop, pool.name)
         await self._dispatch_backlog(pool)
 
+    async def _cancelled_remote(self, job: proto.Job) -> bool:
+        """Whether the caller of a job owned by another instance left (it marks that in Redis):
+        a job read ahead into the backlog may have waited long after the check at reading."""
+        if job.reply_to == self.instance_id:
+            return False
+        try:
+            return bool(await self.queue.cancelled([job.job_id]))
+        except RedisError:  # run it: a job run for nobody costs less than one lost
+            return False
+
     async def _dispatch_backlog(self, pool: ModelPool) -> float:
         """Dispatch what can run now; returns the earliest hold deadline (``time.monotonic()``)
         of the jobs left held for their warm worker, 0 if none is held."""
+        if self.draining and self.queue.shared:  # its backlog is handed back to the other instances
+            return 0.0
         held: list[tuple[str, proto.Job]] = []
         wake = 0.0
         while pool.backlog and pool.total_free() > 0:
             entry_id, job = pool.backlog.popleft()
             pool.capacity_changed.set()  # room to read more ahead
             local_gone = job.reply_to == self.instance_id and job.job_id not in self.tracker.handles
-            if local_gone or (job.deadline and job.deadline < time.time()):  # it waited in the backlog
-                pool.routing.forget_job(job.job_id)
+            if local_gone or (job.deadline and job.deadline < time.time()) or await self._cancelled_remote(job):
+                pool.routing.forget_job(job.job_id)  # its caller left while it waited in the backlog
                 await self.ack([entry_id], pool.name)
                 continue
             choice = pool.pick(job)
@@ -1566,7 +1578,7 @@ class Router:
         """What /health reports beyond this instance: read in the background, so that a health
         probe never scans Redis and answers at once even while Redis is slow or away."""
         try:
-            depths = {spec.name: await self.queue.depth(spec.name) for spec in self.catalog.specs}
+            depths = {spec.name: await self.queue.unfinished(spec.name) for spec in self.catalog.specs}
             cluster = await self.queue.cluster_workers() if self.queue.shared else []
         except RedisError as exc:
             self.redis_error = str(exc) or type(exc).__name__
@@ -1595,14 +1607,14 @@ class Router:
         for spec in self.catalog.specs:
             served = [w for w in workers if w.get("served_model") == spec.name]
             pool = self.pool.pools[spec.name]
-            if depth < 0:
-                model_depth = -1
-            elif self.queue.shared:  # refreshed in the background: a probe never waits on Redis
-                model_depth = self.model_depths.get(spec.name, 0)
-            else:  # the embedded queue counts locally, no I/O
-                model_depth = await self.queue.depth(spec.name)
             slots = sum(int(w.get("total_slots", 0)) for w in served)
             busy = sum(int(w.get("active_jobs", 0)) for w in served)
+            if depth < 0:
+                model_depth = -1
+            elif self.queue.shared:  # unfinished entries (refreshed in the background) less running
+                model_depth = max(self.model_depths.get(spec.name, 0) - busy, 0)
+            else:  # the embedded queue counts locally, no I/O: not read yet, and read ahead
+                model_depth = await self.queue.depth(spec.name) + len(pool.backlog)
             models[spec.name] = {
                 "default": spec is self.catalog.default,
                 "embedding": spec.embedding,
@@ -1617,9 +1629,8 @@ class Router:
                 "input_tokens": pool.stats.input_tokens,
                 "output_tokens": pool.stats.output_tokens,
             }
-        if depth >= 0:  # waiting in the streams, and read ahead into the fair backlogs
+        if depth >= 0:  # waiting in the streams or read ahead into a backlog, not running
             depth = sum(m["queue_depth"] for m in models.values() if m["queue_depth"] > 0)
-            depth += sum(m["backlog"] for m in models.values())
         body.update(
             workers=len(workers),
             total_slots=total,
@@ -1781,6 +1792,8 @@ async def errors_middleware(
         return error_response(request, exc.status, exc.reason)
     except RedisError as exc:
         log.error("queue unavailable", extra={"error": str(exc), "path": request.path})
+        # /health serves a view refreshed in the background: say at once what callers just saw
+        request.app[ROUTER].redis_error = str(exc) or type(exc).__name__
         return error_response(request, 503, "the job queue is unavailable; try again shortly", retry_after=2)
     except RateLimitedError as exc:  # Retry-After and the rate-limit headers: add_account_headers
         if is_anthropic(request):
@@ -3010,6 +3023,15 @@ async def drain(router: Router) -> None:
     """
     router.draining = True
     deadline = time.monotonic() + router.config.shutdown_grace
+    if router.queue.shared:  # jobs read ahead into the fair backlogs go back to the others
+        for pool in list(router.pool.pools.values()):
+            entries = [pool.backlog.popleft() for _ in range(len(pool.backlog))]
+            try:
+                await router.queue.hand_back(entries, pool.name)
+            except RedisError as exc:  # left pending on this instance: the sweeper reclaims them
+                log.warning("could not hand back the backlog", extra={"model": pool.name, "error": str(exc)})
+            if entries:
+                log.info("backlog handed back", extra={"model": pool.name, "jobs": len(entries)})
 
     def busy() -> bool:  # its own callers, and jobs its workers run for other routers' callers
         return bool(router.tracker.handles) or any(w.running for w in router.pool.workers.values())

@@ -44,7 +44,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from auxot_common.models import model_key
-from auxot_common.protocol import Job, ProtocolError, decode
+from auxot_common.protocol import Job, ProtocolError, decode, encode
 from auxot_common.turnbatch import TurnBatch
 
 log = logging.getLogger("auxot.queue")
@@ -143,6 +143,21 @@ class StreamQueue:
         self._jobs_added[job.model].set()
         return _text(entry_id)
 
+    async def hand_back(self, entries: list[tuple[str, Job]], model: str = "") -> None:
+        """Give jobs this instance read but will not run back to the shared stream (a draining
+        instance's read-ahead backlog): re-added as new entries and their old entries finished,
+        in one transaction, so each job is in the stream exactly once and another instance runs it."""
+        if not entries:
+            return
+        key = self.stream_key(model)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _, job in entries:
+                pipe.xadd(key, {"job_id": job.job_id, "data": encode(job)})
+            ids = [entry_id for entry_id, _ in entries]
+            pipe.xack(key, GROUP, *ids)
+            pipe.xdel(key, *ids)
+            await pipe.execute()
+
     async def _xadd_all(self, items: list[tuple[str, str, bytes]]) -> list[Any]:
         if len(items) == 1:  # alone in its turn: no pipeline to build
             key, job_id, data = items[0]
@@ -169,6 +184,12 @@ class StreamQueue:
                     raise
                 await self._regroup_if_lost(exc, model)
         return max(int(length) - int(pending["pending"]), 0)
+
+    async def unfinished(self, model: str = "") -> int:
+        """Entries of ``model``'s stream not finished yet (finished ones are deleted): waiting,
+        read ahead into some instance's backlog, or running. With a shared Redis, the cluster's
+        waiting jobs are this minus the jobs its workers run."""
+        return int(await self.redis.xlen(self.stream_key(model)))
 
     async def read_jobs(self, count: int, timeout: float, model: str = "") -> list[JobEntry]:
         """Take up to ``count`` new jobs of ``model`` for this instance, waiting at most
