@@ -82,6 +82,8 @@ def test_a_caller_that_stops_reading_is_cut_off_and_its_job_cancelled(fake_clust
     finally:
         reader.close()
     # the request slot is free again: AUXOT_MAX_REQUESTS=1 would refuse this with a 503
-    reply = http.post(f"{router.url}/v1/chat/completions", {"messages": USER, "max_tokens": 3}, headers=router.headers())
+    reply = http.post(
+        f"{router.url}/v1/chat/completions", {"messages": USER, "max_tokens": 3}, headers=router.headers()
+    )
     assert reply.status == 200, reply.body[:300]
     assert reply.json()["choices"][0]["message"]["content"]
