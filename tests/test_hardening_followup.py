@@ -4,14 +4,19 @@ dies with a batch of tokens in flight behind two routers relaying through a real
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import socket
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from tests.conftest import Cluster
 from tests.support import http
+from tests.support.procs import REPO
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -87,3 +92,40 @@ def test_a_caller_that_stops_reading_is_cut_off_and_its_job_cancelled(fake_clust
     )
     assert reply.status == 200, reply.body[:300]
     assert reply.json()["choices"][0]["message"]["content"]
+
+
+# --- 4. no duplicated text: a worker killed with tokens in flight, two routers relaying ----------
+
+
+def _soak_module() -> Any:
+    path = REPO / "bench" / "soak.py"
+    spec = importlib.util.spec_from_file_location("auxot_soak_for_tests", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_duplicated_text_when_a_worker_dies_mid_stream_behind_two_routers(tmp_path: Path) -> None:
+    """The soak, small: every caller asks router B, every worker serves router A, so every token
+    crosses the relay (real redis-server); workers are SIGKILLed at the instant their
+    llama-server streams tokens. Each answer is exactly the asked text, or an explicit error
+    after a clean prefix: never repeated text, never a hang."""
+    soak_module = _soak_module()
+    opts = soak_module.Options(
+        requests=300, concurrency=8, max_seconds=90, deadline=60, tokens_per_sec=200, kill_every=1.0,
+        router_restart_at=10.0, inflight_kills=1.0, relay=True,
+    )  # fmt: skip
+    soak = soak_module.Soak(opts, tmp_path)
+    try:
+        soak.start()
+        tally, _ = asyncio.run(soak_module.run_load(soak))
+        retried = soak.retried()
+    finally:
+        soak.stop()
+    assert soak.inflight_kills >= 3, "no worker was killed while streaming"
+    assert tally.duplicated == 0, tally.samples
+    assert tally.lost == 0 and soak.hangs == 0, tally.samples
+    assert retried + tally.explicit_error > 0  # the kills hit jobs: re-run, or ended explicitly
+    assert tally.completed > tally.sent // 2
