@@ -985,9 +985,10 @@ class JobRunner:
 
     def _body(self, job: proto.Job) -> dict[str, Any]:
         body = llama_request_body(job)
-        if job.kind in ENDPOINTS and stop_sequences(body.pop("stop", None)) and isinstance(self._llama, LlamaServer):
+        if job.kind in ENDPOINTS and isinstance(self._llama, LlamaServer) and stop_sequences(body.pop("stop", None)):
             # the worker matches the stop strings itself (to name the one that matched) and
-            # closes the stream then, before the final chunk: usage comes with every chunk
+            # closes the stream then, before the final chunk: usage comes with every chunk.
+            # Other backends keep their own stop (and their usage); the matcher sees cut text.
             body["timings_per_token"] = True
         if job.stream and job.kind == "chat" and isinstance(self._llama, LlamaServer):
             body["return_progress"] = True  # the prompt size before the first token (Anthropic's message_start)
