@@ -7,6 +7,8 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
+from auxot_common.anthropic_api import AnthropicStream, build_message
+from auxot_common.protocol import Complete
 from auxot_common.stopwords import StopMatcher, stop_sequences
 
 
@@ -65,3 +67,14 @@ def test_any_split_gives_the_same_answer_as_the_whole_text(text: str, stops: lis
     found = [(text.find(s), -len(s), s) for s in stops if s in text]
     expected = (text[: min(found)[0]], min(found)[2]) if found else (text, "")
     assert run(stops, pieces) == expected
+
+
+def test_anthropic_names_the_workers_match_only_if_the_caller_asked_for_it() -> None:
+    matched = Complete("j", full_response="Done", finish_reason="stop", stop_sequence="b")
+    message = build_message(matched, message_id="m", model="m", stop_sequences=["a", "b"])
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "b")
+    stream = AnthropicStream("m", "m", stop_sequences=["a", "b"])
+    assert b'"stop_reason":"stop_sequence","stop_sequence":"b"' in stream.on_complete(matched)
+    stranger = Complete("j", full_response="Done", finish_reason="stop", stop_sequence="zz")
+    message = build_message(stranger, message_id="m", model="m", stop_sequences=["a", "b"])
+    assert (message["stop_reason"], message["stop_sequence"]) == ("end_turn", None)
