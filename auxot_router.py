@@ -2003,7 +2003,9 @@ async def write_within(request: web.Request, response: web.StreamResponse, data:
         log.warning("the caller stopped reading; closing its stream", extra={"path": request.path})
         if request.transport is not None:
             request.transport.abort()
-        raise ConnectionResetError("the caller stopped reading") from None
+        # as if the caller had hung up (aiohttp cancels the handler then): the job is abandoned,
+        # the access log says 499, and aiohttp does not log it as a handler failure
+        raise asyncio.CancelledError("the caller stopped reading") from None
 
 
 def encode_batch(handle: JobHandle, encoder: StreamEncoder, batch: list[proto.Message | QueueNotice]) -> bytes:

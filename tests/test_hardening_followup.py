@@ -55,9 +55,10 @@ def test_a_caller_that_stops_reading_is_cut_off_and_its_job_cancelled(fake_clust
     router's write deadline closes its connection, the worker aborts the generation on
     llama-server, and the request slot (AUXOT_MAX_REQUESTS=1) serves the next caller."""
     router = fake_cluster.router(AUXOT_WRITE_TIMEOUT="1", AUXOT_MAX_REQUESTS="1")
-    worker = fake_cluster.worker(router)
-    # 30 MB of text, far more than the kernel's socket buffers on both sides hold
-    tokens = 30_000
+    # 40 MB of text at 2 MB/s: far more than the kernel's socket buffers on both sides hold,
+    # and still generating long after the write deadline
+    worker = fake_cluster.worker(router, FAKE_LLAMA_TOKENS_PER_SEC="2000")
+    tokens = 40_000
     prompt = [{"role": "user", "content": "FAKE:long_tokens:1024"}]
     body = orjson.dumps({"messages": prompt, "max_tokens": tokens, "stream": True})
     head = (
@@ -84,6 +85,7 @@ def test_a_caller_that_stops_reading_is_cut_off_and_its_job_cancelled(fake_clust
         except ConnectionResetError:
             pass
         assert received < tokens * 1024  # cut off long before the end
+        assert '"status":499' in router.log() and "Error handling request" not in router.log()
     finally:
         reader.close()
     # the request slot is free again: AUXOT_MAX_REQUESTS=1 would refuse this with a 503
