@@ -2361,7 +2361,9 @@ async def write_within(request: web.Request, response: web.StreamResponse, data:
         log.warning("the caller stopped reading; closing its stream", extra={"path": request.path})
         if request.transport is not None:
             request.transport.abort()
-        raise ConnectionResetError("the caller stopped reading") from None
+        # as if the caller had hung up (aiohttp cancels the handler then): the job is abandoned,
+        # the access log says 499, and aiohttp does not log it as a handler failure
+        raise asyncio.CancelledError("the caller stopped reading") from None
 
 
 def encode_batch(handle: JobHandle, encoder: StreamEncoder, batch: list[proto.Message | QueueNotice]) -> bytes:
@@ -2669,7 +2671,28 @@ async def anthropic_count_tokens(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     status, body = await request.app[ROUTER].health()
+    if not await may_list_workers(request):
+        body.pop("worker_list", None)  # the counts stay public; who runs where is not
     return json_response(body, status=status)
+
+
+async def may_list_workers(request: web.Request) -> bool:
+    """Whether the caller of /health presented a valid API, GPU or usage-admin key (Bearer or
+    ``x-api-key``). The key's prefix picks the one verifier that could know it, so an unknown
+    key costs at most one Argon2 computation, limited like any other."""
+    router = request.app[ROUTER]
+    header = request.headers.get("Authorization", "")
+    key = header[len("Bearer ") :].strip() if header.startswith("Bearer ") else ""
+    key = key or request.headers.get("x-api-key", "").strip()
+    verifiers = {
+        API_KEY_PREFIX: router.api_keys,
+        GPU_KEY_PREFIX: router.admin_keys,
+        keystore.ADMIN_KEY_PREFIX: router.usage_admins,
+    }
+    chosen = verifiers.get(key[:4])
+    if chosen is None:
+        return False
+    return (await chosen.authenticate(key, request_client(request))).outcome is Outcome.VALID
 
 
 PRE_AUTH_MAX_MESSAGE_BYTES = 1024 * 1024  # a hello is a few KiB; nobody unverified sends 64 MiB

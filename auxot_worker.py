@@ -65,6 +65,7 @@ from auxot_common.provision import (
 from auxot_common.routing import host_ram_bytes, llama_cache_args
 from auxot_common.sendbatch import FrameBatcher
 from auxot_common.settings import ConfigError, EnvReader, load_environment
+from auxot_common.stopwords import StopMatcher, stop_sequences
 from auxot_common.textparse import REASONING, TextParser
 
 VERSION = "0.1.0"
@@ -828,6 +829,7 @@ class JobResult:
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
     embeddings: list[list[float]] = field(default_factory=list)
+    stops: StopMatcher | None = None  # the job's stop strings, matched here (see auxot_common/stopwords.py)
 
     def merge_tool_deltas(self, deltas: list[dict[str, Any]]) -> None:
         for delta in deltas:
@@ -864,6 +866,7 @@ class JobResult:
             reasoning_content=self.parser.reasoning,
             logprobs={"content": self.logprobs} if self.logprobs else None,
             embeddings=self.embeddings,
+            stop_sequence=self.stops.matched if self.stops is not None else "",
         )
 
 
@@ -982,6 +985,11 @@ class JobRunner:
 
     def _body(self, job: proto.Job) -> dict[str, Any]:
         body = llama_request_body(job)
+        if job.kind in ENDPOINTS and isinstance(self._llama, LlamaServer) and stop_sequences(body.pop("stop", None)):
+            # the worker matches the stop strings itself (to name the one that matched) and
+            # closes the stream then, before the final chunk: usage comes with every chunk.
+            # Other backends keep their own stop (and their usage); the matcher sees cut text.
+            body["timings_per_token"] = True
         if job.stream and job.kind == "chat" and isinstance(self._llama, LlamaServer):
             body["return_progress"] = True  # the prompt size before the first token (Anthropic's message_start)
         model_id = getattr(self._llama, "model_id", "")  # vLLM and Ollama need the model named
@@ -1004,8 +1012,11 @@ class JobRunner:
 
     async def _finish_text(self, job: proto.Job, result: JobResult) -> None:
         """Release text the parser held back and adopt tool calls it found in the text."""
-        segments, calls = result.parser.finish()
         outgoing: list[proto.Message] = []
+        if result.stops is not None:  # no stop string matched: what it held back is text
+            for kind, text in result.parser.feed(result.stops.flush()):
+                add_token(outgoing, job, text, reasoning=kind == REASONING)
+        segments, calls = result.parser.finish()
         for kind, text in segments:
             add_token(outgoing, job, text, reasoning=kind == REASONING)
         if result.unsent_logprobs and job.stream:
@@ -1077,6 +1088,9 @@ class JobRunner:
                 failure = LlamaHTTPError(500, llama_error_message(500, payload))
                 break
             apply_chunk(job, chunk, result, outgoing)
+            if result.stops is not None and result.stops.matched:
+                done = True  # leaving the stream closes it: llama-server stops generating
+                break
         if any(type(m) is not proto.PromptProgress for m in outgoing):
             result.sent_any = True
         for message in outgoing:  # what came before a failure still reaches the caller
@@ -1099,6 +1113,8 @@ def apply_chunk(job: proto.Job, chunk: dict[str, Any], result: JobResult, outgoi
         if isinstance(total, int) and isinstance(cached, int):
             outgoing.append(proto.PromptProgress(job_id=job.job_id, total=total, cached=cached))
     for choice in chunk.get("choices") or []:
+        if result.stops is not None and result.stops.matched:
+            break
         if choice.get("finish_reason"):
             result.finish_reason = choice["finish_reason"]
         logprobs = choice.get("logprobs")
@@ -1113,6 +1129,10 @@ def apply_chunk(job: proto.Job, chunk: dict[str, Any], result: JobResult, outgoi
         if reasoning:
             for _, text in result.parser.feed(reasoning, reasoning=True):
                 add_token(outgoing, job, text, reasoning=True)
+        if content and result.stops is not None:
+            content, matched = result.stops.feed(content)
+            if matched:
+                result.finish_reason = "stop"
         if content:
             for kind, text in result.parser.feed(content):
                 add_token(outgoing, job, text, reasoning=kind == REASONING)
@@ -1158,11 +1178,14 @@ def attach_logprobs(outgoing: list[proto.Message], result: JobResult) -> None:
 def new_result(job: proto.Job) -> JobResult:
     """Chat output is checked for leaked ``<think>`` tags and tool calls; legacy completions are
     raw text and pass through as they are."""
+    stops = stop_sequences(job.params.get("stop")) if job.kind in ENDPOINTS else []
+    matcher = StopMatcher(stops) if stops else None
     if job.kind == "completion":
-        return JobResult(parser=TextParser(extract_tools=False, split_think=False))
+        return JobResult(parser=TextParser(extract_tools=False, split_think=False), stops=matcher)
     # with tool_choice "none" the caller wants no calls, whatever the model writes
     return JobResult(
-        parser=TextParser(job.tools, extract_tools=bool(job.tools) and job.params.get("tool_choice") != "none")
+        parser=TextParser(job.tools, extract_tools=bool(job.tools) and job.params.get("tool_choice") != "none"),
+        stops=matcher,
     )
 
 

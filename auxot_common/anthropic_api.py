@@ -23,9 +23,10 @@ Decisions where the Anthropic and llama.cpp worlds do not line up (see also the 
   read from the cache; ``cache_read_input_tokens`` the cache hits. Their sum is the prompt size.
 - ``stop_reason``: ``max_tokens`` when llama-server stopped on the length limit (even inside a
   tool call, as Anthropic does), else ``tool_use`` when there are tool calls, ``stop_sequence``
-  when the worker reports ``finish_reason == "stop_sequence"`` (llama-server's chat endpoint does
-  not say which stop word matched; a ``stop_sequence`` attribute on the message is used when a
-  worker provides one, else the request's only stop sequence), else ``end_turn``.
+  with the worker's ``complete.stop_sequence`` when it is one of the request's (the worker
+  matches stop strings itself: llama-server's chat endpoint does not say which one matched), or
+  when a backend reports ``finish_reason == "stop_sequence"`` (then the request's only stop
+  sequence, if it has just one), else ``end_turn``.
 - Tool-call arguments that are not a JSON object (a call cut off by ``max_tokens``, a model
   error) become ``input: {}``; the client's own input validation then reports the problem to the
   model, which is better than showing broken JSON to the user as text.
@@ -1177,9 +1178,9 @@ def _stop_reason(msg: Complete, has_tool_calls: bool, stop_sequences: list[str])
         return "max_tokens", None
     if has_tool_calls:
         return "tool_use", None
-    matched = getattr(msg, "stop_sequence", "")
+    matched = msg.stop_sequence if msg.stop_sequence in stop_sequences else ""  # only one the caller asked for
     if msg.finish_reason == "stop_sequence" or matched:
-        if isinstance(matched, str) and matched:
+        if matched:
             return "stop_sequence", matched
         return "stop_sequence", stop_sequences[0] if len(stop_sequences) == 1 else None
     return "end_turn", None

@@ -11,6 +11,8 @@ additions:
 - ``complete.input_tokens`` counts the whole prompt, KV-cache hits included; ``cache_tokens``
   says how many of those were cache hits.
 - ``tool_call_delta`` streams tool-call fragments as llama-server produces them.
+- ``complete.stop_sequence``: the job's stop string that ended the text (the worker matches
+  stop strings itself: llama-server does not say which one matched).
 - ``error.status`` carries the HTTP status llama-server answered with, so that a prompt that
   does not fit becomes a 400 for the caller instead of a 500.
 - ``complete.prompt_ms`` (llama-server's ``timings.prompt_ms``) lets the router learn each
@@ -179,6 +181,7 @@ class Complete:
     reasoning_tokens: int = 0
     logprobs: JSONObject | None = None
     embeddings: list[list[float]] = field(default_factory=list)  # kind "embeddings": one vector per input
+    stop_sequence: str = ""  # the job's stop string that ended the text, matched by the worker
     type: ClassVar[str] = "complete"
     _always: ClassVar[frozenset[str]] = frozenset({"job_id", "full_response", "finish_reason"})
 

@@ -68,6 +68,8 @@ Fault injection: if the last user message's text (or its first text part; the pr
   stall                    the role chunk, then nothing until the client disconnects
   crash                    three " tok" deltas, then the process exits with os._exit(1)
   slow_first_token:SECONDS headers at once, the first token after SECONDS, then as usual
+  long_tokens:BYTES        max_tokens tokens of BYTES characters each (a lot of text, fast:
+                           slow-reader tests)
   echo                     content = the whole last user message (including "FAKE:echo"),
                            one delta per word, capped by max_tokens
 ``GET /fake/stats``: requests_started, requests_completed, requests_aborted (the client went
@@ -438,7 +440,7 @@ def _fixed_plans() -> dict[str, Callable[[], Plan]]:
 
 
 FIXED_PLANS = _fixed_plans()
-SCENARIOS = sorted([*FIXED_PLANS, "echo", "slow_first_token"])
+SCENARIOS = sorted([*FIXED_PLANS, "echo", "slow_first_token", "long_tokens"])
 
 
 class RequestError(Exception):
@@ -472,6 +474,11 @@ def make_plan(text: str, body: dict[str, Any], default_tokens: int) -> Plan:
         if not (match and match.group(2)):
             raise RequestError(400, "usage: FAKE:slow_first_token:SECONDS")
         return Plan(finish, n_plain=n, first_delay=min(float(match.group(2)), 3600.0))
+    if name == "long_tokens":
+        size = int(float(match.group(2))) if match and match.group(2) else 0
+        if not 1 <= size <= 1 << 20:
+            raise RequestError(400, "usage: FAKE:long_tokens:BYTES (1 to 1048576)")
+        return Plan(finish, deltas=[{"content": " " + "x" * (size - 1)}] * n)
     raise RequestError(400, f"unknown fake scenario {text.split(maxsplit=1)[0]!r}; known: {', '.join(SCENARIOS)}")
 
 

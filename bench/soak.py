@@ -3,12 +3,18 @@
 while workers are SIGKILLed at random (and restarted) and one router is SIGKILLed and restarted.
 
     python bench/soak.py [--requests 2000] [--concurrency 24] [--max-seconds 280]
+                         [--inflight-kills 0.5] [--relay]
 
 Everything runs on loopback: ``redis-server`` (must be on PATH), two ``auxot_router.py`` sharing
 it, three ``auxot_worker.py`` each with the fake llama-server (bench/fake_llama_server.py) at a
 modest token rate. Callers pick a router at random (a refused connection, while a router is
 down, is retried on the other one, as a load balancer would); half stream, half do not; some
 ask for a slow first token so that a worker death often hits a job before its first token.
+A share of the kills (``--inflight-kills``, default half) waits for the instant a worker's
+llama-server is streaming tokens (its generated count rising between two polls 20 ms apart) and
+SIGKILLs the worker then, so that tokens and the worker's loss reach a router in one batch.
+``--relay``: every worker connects to router A and every caller asks router B first, so every
+token crosses Redis (the relay), where many messages arrive in one read.
 
 Every request ends in exactly one of:
   completed          HTTP 200 with exactly " tok" x max_tokens (and [DONE] when streamed)
@@ -50,7 +56,7 @@ if str(ROOT) not in sys.path:  # run as a script, only bench/ is on the path
     sys.path.insert(0, str(ROOT))
 
 from auxot_common.auth import API_KEY_PREFIX, GPU_KEY_PREFIX, generate_key, hash_key  # noqa: E402
-from tests.support.procs import FAKE_LLAMA, Keys, RouterProcess, WorkerProcess  # noqa: E402
+from tests.support.procs import FAKE_LLAMA, Keys, RouterProcess, WorkerProcess, fake_stats  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.reliability import kill_if_same, process_identity  # noqa: E402
 
@@ -69,6 +75,8 @@ class Options:
     router_restart_at: float = 0.4  # fraction of requests sent when router B is SIGKILLed
     seed: int = 1
     router_script: str = ""  # another auxot_router.py to run (e.g. a patched copy); default the repo's
+    inflight_kills: float = 0.5  # share of worker kills timed while its tokens are streaming
+    relay: bool = False  # workers on router A only, callers on router B first: every job is relayed
 
 
 @dataclass
@@ -110,9 +118,10 @@ class Soak:
         self.routers: list[RouterProcess] = []
         self.router_logs: list[RouterProcess] = []  # every router instance ever started
         self.workers: list[WorkerProcess | None] = [None, None, None]
-        self.worker_home = [0, 0, 1]  # router index each worker connects to
+        self.worker_home = [0, 0, 0] if opts.relay else [0, 0, 1]  # router index each worker connects to
         self.orphans: list[int] = []
         self.kills = 0
+        self.inflight_kills = 0  # kills made while the worker's llama-server was streaming tokens
         self.router_restarts = 0
         self.hangs = 0  # /health probes a router left unanswered for 5 s
         self.rng = random.Random(opts.seed)
@@ -245,7 +254,7 @@ async def one_request(soak: Soak, session: aiohttp.ClientSession, tally: Tally, 
     headers = {"Authorization": f"Bearer {soak.keys.api_key}", "Content-Type": "application/json"}
     tally.sent += 1
     tally.streamed += stream
-    order = [0, 1] if rng.random() < 0.5 else [1, 0]
+    order = [1, 0] if soak.opts.relay or rng.random() < 0.5 else [0, 1]
     started = time.monotonic()
     for attempt, index in enumerate(order * 10):
         router = soak.routers[index]
@@ -319,9 +328,37 @@ async def call(
         return "completed", "".join(text), ""
 
 
+def generated(worker: WorkerProcess) -> tuple[int, int]:
+    """(tokens generated so far, requests generating now) of a worker's fake llama-server."""
+    stats = fake_stats(worker.llama_port())
+    return stats["tokens_generated"], stats["active"]
+
+
+async def streaming_worker(soak: Soak, serving: list[int], stop: asyncio.Event, wait: float = 5.0) -> int | None:
+    """A serving worker whose llama-server is sending tokens right now: its generated count rose
+    between two polls 20 ms apart (None if none did within ``wait`` seconds)."""
+    last: dict[int, int] = {}
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and not stop.is_set():
+        for index in serving:
+            worker = soak.workers[index]
+            if worker is None or not worker.alive():
+                continue
+            try:
+                tokens, active = await asyncio.to_thread(generated, worker)
+            except (OSError, RuntimeError, KeyError, ValueError):
+                continue  # its llama-server is starting or gone
+            if active and index in last and tokens > last[index]:
+                return index
+            last[index] = tokens
+        await asyncio.sleep(0.02)
+    return None
+
+
 async def faults(soak: Soak, tally: Tally, stop: asyncio.Event) -> None:
-    """Every few seconds SIGKILL a random serving worker (it is restarted a moment later, in the
-    background); SIGKILL and restart router B once."""
+    """Every few seconds SIGKILL a serving worker (it is restarted a moment later, in the
+    background), a share of them at the instant it streams tokens; SIGKILL and restart router
+    B once."""
     rng = random.Random(soak.opts.seed + 1)
     restarted = False
     restarts: set[asyncio.Task[None]] = set()
@@ -342,7 +379,13 @@ async def faults(soak: Soak, tally: Tally, stop: asyncio.Event) -> None:
         serving = [i for i, w in enumerate(soak.workers) if w is not None and w.alive() and "worker ready" in w.log()]
         if not serving:
             continue
-        index = rng.choice(serving)
+        index: int | None = None
+        if rng.random() < soak.opts.inflight_kills:
+            index = await streaming_worker(soak, serving, stop)
+            if index is not None:
+                soak.inflight_kills += 1
+        if index is None:
+            index = rng.choice(serving)
         await asyncio.to_thread(soak.kill_worker, index)
         task = asyncio.create_task(restart(index))
         restarts.add(task)
@@ -404,6 +447,7 @@ def summary_table(result: dict[str, Any]) -> str:
         ("LOST (no answer / hung)", t["lost"]),
         ("DUPLICATED text", t["duplicated"]),
         ("worker SIGKILLs / router restarts", f"{result['worker_kills']} / {result['router_restarts']}"),
+        ("  of the SIGKILLs, while tokens were streaming", result["inflight_kills"]),
         ("left in Redis (XPENDING / XLEN)", f"{result['stuck']['xpending']} / {result['stuck']['xlen']}"),
         ("router hangs (/health unanswered for 5 s)", result["router_hangs"]),
         ("elapsed", f"{result['elapsed_s']:.1f} s"),
@@ -422,6 +466,10 @@ def main() -> int:
     parser.add_argument("--tokens-per-sec", type=float, default=Options.tokens_per_sec)
     parser.add_argument("--kill-every", type=float, default=Options.kill_every, help="seconds between worker kills")
     parser.add_argument("--seed", type=int, default=Options.seed)
+    parser.add_argument(
+        "--inflight-kills", type=float, default=Options.inflight_kills, help="share of kills timed mid-stream"
+    )
+    parser.add_argument("--relay", action="store_true", help="workers on router A, callers on router B")
     parser.add_argument("--router-script", default="", help="run this auxot_router.py instead of the repo's")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary directory)")
@@ -429,7 +477,7 @@ def main() -> int:
     opts = Options(
         requests=args.requests, concurrency=args.concurrency, max_seconds=args.max_seconds, deadline=args.deadline,
         tokens_per_sec=args.tokens_per_sec, kill_every=args.kill_every, seed=args.seed,
-        router_script=args.router_script,
+        router_script=args.router_script, inflight_kills=args.inflight_kills, relay=args.relay,
     )  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the cluster on the way out
     with contextlib.ExitStack() as stack:
@@ -463,6 +511,7 @@ def main() -> int:
         "tally": tally_dict,
         "retried": retried,
         "worker_kills": soak.kills,
+        "inflight_kills": soak.inflight_kills,
         "router_restarts": soak.router_restarts,
         "router_hangs": soak.hangs,
         "stuck": stuck,
@@ -474,8 +523,10 @@ def main() -> int:
     args.output.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(summary_table(result))
     print(
-        f"\n{tally.sent} requests in {elapsed:.0f} s across 2 routers and 3 workers on redis-server, with "
-        f"{soak.kills} worker SIGKILLs and {soak.router_restarts} router SIGKILL+restart: {tally.completed} completed "
+        f"\n{tally.sent} requests in {elapsed:.0f} s across 2 routers and 3 workers on redis-server"
+        f"{' (every job relayed)' if opts.relay else ''}, with "
+        f"{soak.kills} worker SIGKILLs ({soak.inflight_kills} while tokens streamed) and {soak.router_restarts} "
+        f"router SIGKILL+restart: {tally.completed} completed "
         f"with exactly the requested text, {retried} jobs re-run transparently after a worker loss, "
         f"{tally.explicit_error} ended with an explicit error, {tally.cut_by_router_kill} were cut when their router "
         f"was killed, {tally.lost} lost, {tally.duplicated} duplicated."

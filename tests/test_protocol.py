@@ -90,6 +90,7 @@ FULL_MESSAGES: list[Any] = [
         reasoning_tokens=3,
         logprobs={"content": [{"token": "Hel", "logprob": -0.1}]},
         embeddings=[[0.25, -0.5]],
+        stop_sequence="END",
     ),
     Error(error="boom", job_id="chatcmpl-1", details="more", status=400, retryable=True),
     PromptProgress(job_id="chatcmpl-1", total=100, cached=20, processed=50),

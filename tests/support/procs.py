@@ -132,8 +132,11 @@ class RouterProcess(Process):
             time.sleep(0.05)
         raise TimeoutError(f"router not healthy:\n{self.log()[-3000:]}")
 
-    def health(self) -> dict[str, Any]:
-        return dict(orjson.loads(http.get(f"{self.url}/health", timeout=5).body))
+    def health(self, *, key: str | None = None) -> dict[str, Any]:
+        """``/health`` as a key holder sees it (with ``worker_list``); ``key=""`` sends none."""
+        secret = self.keys.api_key if key is None else key
+        headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+        return dict(orjson.loads(http.get(f"{self.url}/health", headers=headers, timeout=5).body))
 
     def wait_workers(self, count: int, timeout: float = 60.0, free: int | None = None) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
