@@ -212,38 +212,29 @@ def test_worker_key_from_a_file_and_no_key_in_any_command_line(fake_cluster: Clu
 # --- 4. text is never duplicated on retry (unit level: the tracker's batch handling) -------------
 
 
-class _QueueStub:
-    def __init__(self) -> None:
-        self.requeued: list[str] = []
+async def test_tokens_and_worker_loss_in_one_batch_fail_instead_of_requeueing(tmp_path: Path) -> None:
+    """The router's own job tracker (a real Router on the embedded store): tokens and the loss of
+    their worker in one batch end the stream with an error; the job is never queued again, so
+    the caller can never see its text twice."""
+    import fakeredis
 
-    async def depth(self, model: str = "") -> int:
-        return 0
+    from auxot_router import Router, RouterConfig
 
-    async def enqueue(self, job: proto.Job, raw: bytes) -> None:
-        self.requeued.append(job.job_id)
-
-
-async def test_tokens_and_worker_loss_in_one_batch_fail_instead_of_requeueing() -> None:
-    from types import SimpleNamespace
-
-    from auxot_router import JobTracker
-
-    queue = _QueueStub()
-    config = SimpleNamespace(max_attempts=3, job_timeout=60.0, max_ws_message_bytes=1 << 20, max_queue=10)
-    router = SimpleNamespace(queue=queue, config=config, instance_id="i", cancel_job=None)
-
-    async def cancel_job(job_id: str, dispatched_to: object) -> None:
-        return None
-
-    router.cancel_job = cancel_job
-    tracker = JobTracker(router)  # type: ignore[arg-type]
-    handle = await tracker.submit(proto.Job(job_id="j", messages=USER, stream=True))
+    config = RouterConfig(
+        api_key_hashes=[],
+        admin_key_hashes=[],
+        keys_file=str(tmp_path / "keys.json"),
+        usage_file=str(tmp_path / "usage.json"),
+    )
+    router = Router(config, fakeredis.FakeAsyncRedis(), server_blocking=False)
+    handle = await router.tracker.submit(proto.Job(job_id="j", model=router.model_name, messages=USER, stream=True))
+    assert await router.queue.depth(router.model_name) == 1
     for message in (proto.Token("j", "Hel"), proto.Token("j", "lo"), proto.WorkerLost("j", "socket closed")):
         handle.events.put(message)
-    batches = [batch async for batch in tracker.events(handle, keepalive=60.0)]
+    batches = [batch async for batch in router.tracker.events(handle, keepalive=60.0)]
     delivered = [m for batch in batches for m in batch]
     assert [type(m) for m in delivered] == [proto.Token, proto.Token, proto.Error]
-    assert queue.requeued == ["j"]  # only the first submission: the job was not re-queued
+    assert await router.queue.depth(router.model_name) == 1  # only the first submission: not re-queued
 
 
 # --- 3. one Argon2 verification per key, however many arrive at once -----------------------------
