@@ -41,6 +41,7 @@ from auxot_common import eventloop
 from auxot_common import keys as keystore
 from auxot_common import protocol as proto
 from auxot_common import responses_api as responses
+from auxot_common.affinity import AffinityBook
 from auxot_common.auth import (
     API_KEY_PREFIX,
     GPU_KEY_PREFIX,
@@ -95,7 +96,15 @@ from auxot_common.openai_api import (
 from auxot_common.queue import RelayPublisher, StreamQueue
 from auxot_common.registry import ModelResolution, Registry, RegistryError, load_registry, resolve_model
 from auxot_common.responses_store import ResponseStore
-from auxot_common.routing import ROUTING_MODES, Choice, RoutingConfig, RoutingPolicy, make_policy, session_hint
+from auxot_common.routing import (
+    ROUTING_MODES,
+    CacheAwarePolicy,
+    Choice,
+    RoutingConfig,
+    RoutingPolicy,
+    make_policy,
+    session_hint,
+)
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 from auxot_common.usage import FileUsage, RedisUsage, UsageStore
 
@@ -393,6 +402,7 @@ class ModelPool:
         self.dispatcher: asyncio.Task[None] | None = None
         self.stats = PoolStats()
         self.starving_since: float | None = None  # waiting jobs and no worker since (monotonic)
+        self.sticky_checked = 0.0  # last look at this instance's targeted stream (monotonic)
 
     @property
     def name(self) -> str:
@@ -769,6 +779,11 @@ class Router:
             redis, instance_id=self.instance_id, prefix=config.redis_prefix, server_blocking=server_blocking
         )
         self.relay = RelayPublisher(self.queue)
+        # several instances on one Redis: conversations stay with the instance whose worker is warm
+        self.affinity: AffinityBook | None = None
+        if self.queue.shared and config.routing == "cache":
+            self.queue.sticky = True
+            self.affinity = AffinityBook(redis, config.redis_prefix, self.instance_id)
         self.pool = WorkerPool()
         self.tracker = JobTracker(self)
         # shared: a client's wrong keys count whatever their role
@@ -875,11 +890,15 @@ class Router:
         model = pool.name
         while True:
             if self.draining and self.queue.shared:
+                if self.affinity is not None:  # jobs moved here go back to the others at once
+                    await self._sticky_upkeep(pool)
                 pool.capacity_changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(pool.capacity_changed.wait(), 1.0)
                 continue
             held = await self._dispatch_backlog(pool) if pool.backlog else 0.0
+            if self.affinity is not None:  # also while no worker here: what was moved here goes back
+                await self._sticky_upkeep(pool)
             # held jobs stay in the backlog without blocking the jobs behind them; the short
             # timeout looks at them again soon after a slot frees
             timeout = 1.0 if not held else min(max(held - time.monotonic(), 0.01), HELD_JOB_POLL_S)
@@ -890,12 +909,69 @@ class Router:
                     await asyncio.wait_for(pool.capacity_changed.wait(), timeout)
                 continue
             try:
-                entries = await self.queue.read_jobs(room, timeout=timeout, model=model)
+                # a targeted job is read only into a free slot: it waits in its stream otherwise,
+                # and goes back to the shared one after the hold bound (_sticky_upkeep)
+                targeted = self.affinity is not None and pool.total_free() > 0
+                entries = await self.queue.read_jobs(room, timeout=timeout, model=model, targeted=targeted)
             except RedisError as exc:
                 log.error("reading jobs failed", extra={"error": str(exc), "model": model})
                 await asyncio.sleep(1.0)
                 continue
             await self._accept(pool, entries)
+
+    async def _sticky_upkeep(self, pool: ModelPool) -> None:
+        """Jobs another instance moved here that found no free slot within the hold bound (or
+        any, while draining) go back to the shared stream. At most every HELD_JOB_POLL_S."""
+        now = time.monotonic()
+        if now - pool.sticky_checked < HELD_JOB_POLL_S * 4 and not self.draining:
+            return
+        pool.sticky_checked = now
+        try:
+            moved = await self.queue.bounce_stale(pool.name, 0.0 if self.draining else self.config.cache_max_wait)
+        except RedisError as exc:
+            log.warning("could not check the targeted stream", extra={"error": str(exc), "model": pool.name})
+            return
+        if moved:
+            log.info("targeted jobs went back to the shared queue", extra={"jobs": moved, "model": pool.name})
+
+    async def _divert_sticky(self, pool: ModelPool, jobs: list[tuple[str, proto.Job]]) -> list[tuple[str, proto.Job]]:
+        """Jobs read from the shared stream whose prompt a live worker of *another* instance
+        holds (deeper than any worker here, by a saving worth holding for) move to that
+        instance's targeted stream; the others stay. One MGET for the whole batch."""
+        policy = pool.routing
+        if self.affinity is None or not isinstance(policy, CacheAwarePolicy):
+            return jobs
+        candidates = [(e, j) for e, j in jobs if "|" not in e and self.queue.may_forward(j.job_id)]
+        if not candidates:
+            return jobs
+        keys = [policy.key_of(job) for _, job in candidates]
+        try:
+            found = await self.affinity.lookup(pool.name, [key.hashes for key in keys])
+        except RedisError as exc:
+            log.warning("prompt affinity lookup failed", extra={"error": str(exc)})
+            return jobs
+        live = {(w.get("instance"), w.get("id")) for w in self.cluster_view if w.get("served_model") == pool.name}
+        local = [w for w in pool.workers.values() if not w.ws.closed]
+        now = time.monotonic()
+        moved: set[str] = set()
+        for (entry_id, job), hit in zip(candidates, found, strict=True):
+            if hit is None:
+                continue
+            blocks, instance, worker_id = hit
+            if instance == self.instance_id or (instance, worker_id) not in live:
+                continue
+            if policy.remote_saving_s(job, blocks, local, now) < policy.config.min_hold_saving_s:
+                continue
+            try:
+                await self.queue.forward(entry_id, job, proto.encode(job), instance)
+            except RedisError as exc:
+                log.warning("could not move a job to its warm instance", extra={"error": str(exc)})
+                continue
+            policy.forget_job(job.job_id)
+            moved.add(job.job_id)
+            self.metrics.sticky_forwarded.labels(pool.name).inc()
+            log.debug("job moved to its warm instance", extra={"job_id": job.job_id, "instance": instance})
+        return [item for item in jobs if item[1].job_id not in moved] if moved else jobs
 
     async def _accept(self, pool: ModelPool, entries: list[tuple[str, proto.Job | None]]) -> None:
         drop: list[str] = []
@@ -914,6 +990,7 @@ class Router:
             except RedisError:  # run them: a job run for nobody costs less than one lost
                 log.warning("could not check cancellations", extra={"jobs": len(remote)})
         now = time.time()
+        kept: list[tuple[str, proto.Job]] = []
         for entry_id, job in jobs:
             gone = job.job_id in cancelled or (
                 job.reply_to == self.instance_id and job.job_id not in self.tracker.handles
@@ -922,9 +999,11 @@ class Router:
                 drop.append(entry_id)
             else:
                 job.model = pool.name  # a job from the stream of this model is this model's
-                pool.backlog.append((entry_id, job))
+                kept.append((entry_id, job))
         if drop:
             await self.ack(drop, pool.name)
+        for item in await self._divert_sticky(pool, kept) if self.affinity is not None else kept:
+            pool.backlog.append(item)
         await self._dispatch_backlog(pool)
 
     async def _dispatch_backlog(self, pool: ModelPool) -> float:
@@ -961,6 +1040,8 @@ class Router:
                 self.pool.remove(worker)
                 pool.backlog.appendleft((entry_id, job))
                 continue
+            if self.affinity is not None and isinstance(pool.routing, CacheAwarePolicy):
+                self.affinity.record(pool.name, pool.routing.key_of(job).hashes, worker.worker_id)
             pool.on_dispatch(worker, job)
             log.debug("job dispatched", extra={"job_id": job.job_id, "worker_id": worker.worker_id, "model": pool.name})
             self.route(job.reply_to, proto.Dispatched(job.job_id, worker.worker_id, self.instance_id))
