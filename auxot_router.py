@@ -111,6 +111,7 @@ from auxot_common.usage import FileUsage, RedisUsage, UsageStore
 VERSION = "0.1.0"
 DEFAULT_MODEL = "Qwen3-Coder-30B-A3B"
 HELD_JOB_POLL_S = 0.05  # how soon a job held for its busy warm worker is looked at again
+DISPATCHER_RESTART_S = 1.0  # pause before a failed dispatcher starts again (no hot error loop)
 WORKER_HEADER = "x-auxot-worker"
 CACHED_TOKENS_HEADER = "x-auxot-cached-tokens"
 log = logging.getLogger("auxot.router")
@@ -856,7 +857,7 @@ class Router:
         self.running = True
         for pool in self.pool.pools.values():
             if pool.dispatcher is None:
-                pool.dispatcher = asyncio.create_task(self.dispatch_forever(pool), name=f"dispatch-{pool.name}")
+                pool.dispatcher = asyncio.create_task(self.supervise_dispatcher(pool), name=f"dispatch-{pool.name}")
 
     async def stop_dispatchers(self) -> None:
         self.running = False
@@ -882,6 +883,21 @@ class Router:
             return 0
         return pool.total_free() + self.config.fair_readahead - len(pool.backlog)
 
+    async def supervise_dispatcher(self, pool: ModelPool) -> None:
+        """Run the pool's dispatcher; an unexpected exception is logged with its traceback and
+        the loop starts again after a short pause: a pool whose dispatcher died would take no
+        job again, and say nothing."""
+        while True:
+            try:
+                await self.dispatch_forever(pool)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.metrics.dispatcher_restarts.labels(pool.name).inc()
+                log.exception("the dispatcher failed; restarting it", extra={"model": pool.name})
+                await asyncio.sleep(DISPATCHER_RESTART_S)
+
     async def dispatch_forever(self, pool: ModelPool) -> None:
         """Read jobs of the pool's model into its fair backlog and hand each to the worker
         :meth:`ModelPool.pick` chooses. Completions, new workers and slot announcements also
@@ -896,6 +912,8 @@ class Router:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(pool.capacity_changed.wait(), 1.0)
                 continue
+            if self.queue.shared and not pool.workers and pool.backlog:
+                await self._hand_back_backlog(pool)
             held = await self._dispatch_backlog(pool) if pool.backlog else 0.0
             if self.affinity is not None:  # also while no worker here: what was moved here goes back
                 await self._sticky_upkeep(pool)
@@ -918,6 +936,25 @@ class Router:
                 await asyncio.sleep(1.0)
                 continue
             await self._accept(pool, entries)
+
+    async def _hand_back_backlog(self, pool: ModelPool) -> None:
+        """The pool's last worker here went away with jobs in its backlog (read while it still
+        had one, e.g. a job just moved here by an instance whose cluster view still listed the
+        dead worker): they go back to the shared stream for another instance, instead of
+        waiting here for a worker that may never come."""
+        entries = list(pool.backlog)
+        try:
+            await self.queue.hand_back(pool.name, entries)
+        except RedisError as exc:
+            log.warning("could not hand back the backlog", extra={"error": str(exc), "model": pool.name})
+            return
+        for _, job in entries:
+            pool.routing.forget_job(job.job_id)
+        while pool.backlog:  # only this dispatcher adds to it: these are the entries handed back
+            pool.backlog.popleft()
+        log.warning(
+            "no worker left here: jobs went back to the shared queue", extra={"jobs": len(entries), "model": pool.name}
+        )
 
     async def _sticky_upkeep(self, pool: ModelPool) -> None:
         """Jobs another instance moved here that found no free slot within the hold bound (or
@@ -1255,7 +1292,7 @@ class Router:
             if pool is None:
                 pool = self.pool.pools[spec.name] = self.new_pool(spec)
                 if self.running:
-                    pool.dispatcher = asyncio.create_task(self.dispatch_forever(pool), name=f"dispatch-{spec.name}")
+                    pool.dispatcher = asyncio.create_task(self.supervise_dispatcher(pool), name=f"dispatch-{spec.name}")
             pool.spec = spec
         log.info("configuration reloaded", extra={"models": catalog.names, "default": self.model_name})
         for pool in removed:

@@ -127,6 +127,10 @@ class RouterMetrics:
             "auxot_sticky_forwarded_jobs", "Jobs moved to another router instance whose worker held their prompt",
             model, registry=registry,
         )  # fmt: skip
+        self.dispatcher_restarts = Counter(
+            "auxot_dispatcher_restarts", "Dispatcher loops restarted after an unexpected error (a bug: see the log)",
+            model, registry=registry,
+        )  # fmt: skip
         self._prompt_totals: dict[str, list[int]] = {}  # model -> [prompt, cached] tokens
         self.jobs = Counter("auxot_jobs", "Finished jobs by outcome", ["model", "outcome"], registry=registry)
         self.queue_wait = Histogram(

@@ -55,7 +55,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from auxot_common.models import model_key
-from auxot_common.protocol import Job, ProtocolError, decode
+from auxot_common.protocol import Job, ProtocolError, decode, encode
 
 log = logging.getLogger("auxot.queue")
 
@@ -263,6 +263,25 @@ class StreamQueue:
             ids = [entry_id for entry_id, _, _ in entries]
             pipe.xack(key, GROUP, *ids)
             pipe.xdel(key, *ids)
+            await pipe.execute()
+
+    async def hand_back(self, model: str, entries: list[tuple[str, Job]]) -> None:
+        """Jobs this instance read but cannot run (its last worker of ``model`` went away) back
+        to the shared stream, each in one MULTI/EXEC with the XACK + XDEL of its entry, so that
+        another instance takes them; ids ``{key}|{id}`` come from a targeted stream and go back
+        marked ``hop`` (never moved again)."""
+        if not entries:
+            return
+        shared = self.stream_key(model)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for entry, job in entries:
+                key, _, entry_id = entry.rpartition("|")
+                fields: dict[Any, Any] = {"job_id": job.job_id, "data": encode(job)}
+                if key:
+                    fields["hop"] = b"1"
+                pipe.xadd(shared, fields)
+                pipe.xack(key or shared, GROUP, entry_id)
+                pipe.xdel(key or shared, entry_id)
             await pipe.execute()
 
     async def bounce_stale(self, model: str, max_age_s: float) -> int:

@@ -9,6 +9,7 @@ one whose worker is cold moves it to the warm one's targeted stream.
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,16 +87,33 @@ def test_turns_sent_to_either_router_reuse_the_prompt_on_its_worker(
         for turn, (worker, prompt, cached) in enumerate(served[1:], start=1):
             assert worker == first_worker, (i, turn, served)
             assert cached >= 0.9 * prompt, (i, turn, served)
-    forwarded = sum(_metric(r, "auxot_sticky_forwarded_jobs_total") for r in routers)
-    assert forwarded >= 1  # some turns were read by the router whose worker was cold
     assert all(_metric(r, "auxot_prompt_cache_hit_ratio") > 0 for r in routers)
+
+    # A turn the cold router reads is moved to the warm one: the warm router is stopped (SIGSTOP)
+    # while the turn is sent to the other, so only the other can read it; it moves the job, and
+    # once the warm router runs again its worker serves the turn from its cache.
+    warm_id = results[0][0][0]
+    warm = next(r for r in routers if warm_id in own_workers(r))
+    cold = next(r for r in routers if r is not warm)
+    moved_before = _metric(cold, "auxot_sticky_forwarded_jobs_total")
+    messages = [*opening(0), {"role": "user", "content": "one more turn"}]
+    box: dict[str, http.Response] = {}
+    warm.signal(signal.SIGSTOP)
+    try:
+        caller = threading.Thread(target=lambda: box.setdefault("moved", chat(cold, messages)))
+        caller.start()
+        wait_for(lambda: _metric(cold, "auxot_sticky_forwarded_jobs_total") > moved_before, 10, "the job to move")
+    finally:
+        warm.signal(signal.SIGCONT)
+    caller.join(30)
+    usage = box["moved"].json()["usage"]
+    assert box["moved"].headers["x-auxot-worker"] == warm_id
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= 0.9 * usage["prompt_tokens"]
 
     # Its warm worker dies while it runs a turn (nothing sent yet): the turn is re-queued and
     # served by the other worker, once, whichever router received it.
     messages = [*opening(0), {"role": "user", "content": "FAKE:slow_first_token:3"}]
-    warm_id = results[0][0][0]
-    box: dict[str, http.Response] = {}
-    caller = threading.Thread(target=lambda: box.setdefault("r", chat(routers[1], messages, max_tokens=5)))
+    caller = threading.Thread(target=lambda: box.setdefault("r", chat(cold, messages, max_tokens=5)))
     caller.start()
     victim = wait_for(lambda: running_on(workers), 20, "the turn to reach a worker")
     assert victim is not None
@@ -108,6 +126,11 @@ def test_turns_sent_to_either_router_reuse_the_prompt_on_its_worker(
     assert reply.json()["choices"][0]["message"]["content"] == TOKEN * 5
     assert reply.headers["x-auxot-worker"] != warm_id
     assert survivor.fake_stats()["requests_completed"] == before + 1
+
+
+def own_workers(router: RouterProcess) -> set[str]:
+    health = router.health()
+    return {w["id"] for w in health.get("worker_list", []) if w.get("instance") == health["instance"]}
 
 
 def _metric(router: RouterProcess, name: str) -> float:
