@@ -42,6 +42,7 @@ from auxot_common import autoroute, eventloop, upstreams
 from auxot_common import keys as keystore
 from auxot_common import protocol as proto
 from auxot_common import responses_api as responses
+from auxot_common.affinity import AffinityBook
 from auxot_common.auth import (
     API_KEY_PREFIX,
     GPU_KEY_PREFIX,
@@ -96,7 +97,15 @@ from auxot_common.openai_api import (
 from auxot_common.queue import RelayPublisher, StreamQueue
 from auxot_common.registry import ModelResolution, Registry, RegistryError, load_registry, resolve_model
 from auxot_common.responses_store import ResponseStore
-from auxot_common.routing import ROUTING_MODES, Choice, RoutingConfig, RoutingPolicy, make_policy, session_hint
+from auxot_common.routing import (
+    ROUTING_MODES,
+    CacheAwarePolicy,
+    Choice,
+    RoutingConfig,
+    RoutingPolicy,
+    make_policy,
+    session_hint,
+)
 from auxot_common.routing_extras import ExtrasError, RoutingExtras, candidates, load_extras
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 from auxot_common.usage import FileUsage, RedisUsage, UsageStore
@@ -104,6 +113,7 @@ from auxot_common.usage import FileUsage, RedisUsage, UsageStore
 VERSION = "0.1.0"
 DEFAULT_MODEL = "Qwen3-Coder-30B-A3B"
 HELD_JOB_POLL_S = 0.05  # how soon a job held for its busy warm worker is looked at again
+DISPATCHER_RESTART_S = 1.0  # pause before a failed dispatcher starts again (no hot error loop)
 WORKER_HEADER = "x-auxot-worker"
 CACHED_TOKENS_HEADER = "x-auxot-cached-tokens"
 log = logging.getLogger("auxot.router")
@@ -407,6 +417,7 @@ class ModelPool:
         self.dispatcher: asyncio.Task[None] | None = None
         self.stats = PoolStats()
         self.starving_since: float | None = None  # waiting jobs and no worker since (monotonic)
+        self.sticky_checked = 0.0  # last look at this instance's targeted stream (monotonic)
 
     @property
     def name(self) -> str:
@@ -800,6 +811,11 @@ class Router:
             redis, instance_id=self.instance_id, prefix=config.redis_prefix, server_blocking=server_blocking
         )
         self.relay = RelayPublisher(self.queue)
+        # several instances on one Redis: conversations stay with the instance whose worker is warm
+        self.affinity: AffinityBook | None = None
+        if self.queue.shared and config.routing == "cache":
+            self.queue.sticky = True
+            self.affinity = AffinityBook(redis, config.redis_prefix, self.instance_id)
         self.pool = WorkerPool()
         self.tracker = JobTracker(self)
         # shared: a client's wrong keys count whatever their role
@@ -877,7 +893,7 @@ class Router:
         self.running = True
         for pool in self.pool.pools.values():
             if pool.dispatcher is None:
-                pool.dispatcher = asyncio.create_task(self.dispatch_forever(pool), name=f"dispatch-{pool.name}")
+                pool.dispatcher = asyncio.create_task(self.supervise_dispatcher(pool), name=f"dispatch-{pool.name}")
 
     async def stop_dispatchers(self) -> None:
         self.running = False
@@ -903,6 +919,21 @@ class Router:
             return 0
         return pool.total_free() + self.config.fair_readahead - len(pool.backlog)
 
+    async def supervise_dispatcher(self, pool: ModelPool) -> None:
+        """Run the pool's dispatcher; an unexpected exception is logged with its traceback and
+        the loop starts again after a short pause: a pool whose dispatcher died would take no
+        job again, and say nothing."""
+        while True:
+            try:
+                await self.dispatch_forever(pool)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.metrics.dispatcher_restarts.labels(pool.name).inc()
+                log.exception("the dispatcher failed; restarting it", extra={"model": pool.name})
+                await asyncio.sleep(DISPATCHER_RESTART_S)
+
     async def dispatch_forever(self, pool: ModelPool) -> None:
         """Read jobs of the pool's model into its fair backlog and hand each to the worker
         :meth:`ModelPool.pick` chooses. Completions, new workers and slot announcements also
@@ -911,11 +942,17 @@ class Router:
         model = pool.name
         while True:
             if self.draining and self.queue.shared:
+                if self.affinity is not None:  # jobs moved here go back to the others at once
+                    await self._sticky_upkeep(pool)
                 pool.capacity_changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(pool.capacity_changed.wait(), 1.0)
                 continue
+            if self.queue.shared and not pool.workers and pool.backlog:
+                await self._hand_back_backlog(pool)
             held = await self._dispatch_backlog(pool) if pool.backlog else 0.0
+            if self.affinity is not None:  # also while no worker here: what was moved here goes back
+                await self._sticky_upkeep(pool)
             # held jobs stay in the backlog without blocking the jobs behind them; the short
             # timeout looks at them again soon after a slot frees
             timeout = 1.0 if not held else min(max(held - time.monotonic(), 0.01), HELD_JOB_POLL_S)
@@ -926,12 +963,88 @@ class Router:
                     await asyncio.wait_for(pool.capacity_changed.wait(), timeout)
                 continue
             try:
-                entries = await self.queue.read_jobs(room, timeout=timeout, model=model)
+                # a targeted job is read only into a free slot: it waits in its stream otherwise,
+                # and goes back to the shared one after the hold bound (_sticky_upkeep)
+                targeted = self.affinity is not None and pool.total_free() > 0
+                entries = await self.queue.read_jobs(room, timeout=timeout, model=model, targeted=targeted)
             except RedisError as exc:
                 log.error("reading jobs failed", extra={"error": str(exc), "model": model})
                 await asyncio.sleep(1.0)
                 continue
             await self._accept(pool, entries)
+
+    async def _hand_back_backlog(self, pool: ModelPool) -> None:
+        """The pool's last worker here went away with jobs in its backlog (read while it still
+        had one, e.g. a job just moved here by an instance whose cluster view still listed the
+        dead worker): they go back to the shared stream for another instance, instead of
+        waiting here for a worker that may never come."""
+        entries = list(pool.backlog)
+        try:
+            await self.queue.hand_back(pool.name, entries)
+        except RedisError as exc:
+            log.warning("could not hand back the backlog", extra={"error": str(exc), "model": pool.name})
+            return
+        for _, job in entries:
+            pool.routing.forget_job(job.job_id)
+        while pool.backlog:  # only this dispatcher adds to it: these are the entries handed back
+            pool.backlog.popleft()
+        log.warning(
+            "no worker left here: jobs went back to the shared queue", extra={"jobs": len(entries), "model": pool.name}
+        )
+
+    async def _sticky_upkeep(self, pool: ModelPool) -> None:
+        """Jobs another instance moved here that found no free slot within the hold bound (or
+        any, while draining) go back to the shared stream. At most every HELD_JOB_POLL_S."""
+        now = time.monotonic()
+        if now - pool.sticky_checked < HELD_JOB_POLL_S * 4 and not self.draining:
+            return
+        pool.sticky_checked = now
+        try:
+            moved = await self.queue.bounce_stale(pool.name, 0.0 if self.draining else self.config.cache_max_wait)
+        except RedisError as exc:
+            log.warning("could not check the targeted stream", extra={"error": str(exc), "model": pool.name})
+            return
+        if moved:
+            log.info("targeted jobs went back to the shared queue", extra={"jobs": moved, "model": pool.name})
+
+    async def _divert_sticky(self, pool: ModelPool, jobs: list[tuple[str, proto.Job]]) -> list[tuple[str, proto.Job]]:
+        """Jobs read from the shared stream whose prompt a live worker of *another* instance
+        holds (deeper than any worker here, by a saving worth holding for) move to that
+        instance's targeted stream; the others stay. One MGET for the whole batch."""
+        policy = pool.routing
+        if self.affinity is None or not isinstance(policy, CacheAwarePolicy):
+            return jobs
+        candidates = [(e, j) for e, j in jobs if "|" not in e and self.queue.may_forward(j.job_id)]
+        if not candidates:
+            return jobs
+        keys = [policy.key_of(job) for _, job in candidates]
+        try:
+            found = await self.affinity.lookup(pool.name, [key.hashes for key in keys])
+        except RedisError as exc:
+            log.warning("prompt affinity lookup failed", extra={"error": str(exc)})
+            return jobs
+        live = {(w.get("instance"), w.get("id")) for w in self.cluster_view if w.get("served_model") == pool.name}
+        local = [w for w in pool.workers.values() if not w.ws.closed]
+        now = time.monotonic()
+        moved: set[str] = set()
+        for (entry_id, job), hit in zip(candidates, found, strict=True):
+            if hit is None:
+                continue
+            blocks, instance, worker_id = hit
+            if instance == self.instance_id or (instance, worker_id) not in live:
+                continue
+            if policy.remote_saving_s(job, blocks, local, now) < policy.config.min_hold_saving_s:
+                continue
+            try:
+                await self.queue.forward(entry_id, job, proto.encode(job), instance)
+            except RedisError as exc:
+                log.warning("could not move a job to its warm instance", extra={"error": str(exc)})
+                continue
+            policy.forget_job(job.job_id)
+            moved.add(job.job_id)
+            self.metrics.sticky_forwarded.labels(pool.name).inc()
+            log.debug("job moved to its warm instance", extra={"job_id": job.job_id, "instance": instance})
+        return [item for item in jobs if item[1].job_id not in moved] if moved else jobs
 
     async def _accept(self, pool: ModelPool, entries: list[tuple[str, proto.Job | None]]) -> None:
         drop: list[str] = []
@@ -950,6 +1063,7 @@ class Router:
             except RedisError:  # run them: a job run for nobody costs less than one lost
                 log.warning("could not check cancellations", extra={"jobs": len(remote)})
         now = time.time()
+        kept: list[tuple[str, proto.Job]] = []
         for entry_id, job in jobs:
             gone = job.job_id in cancelled or (
                 job.reply_to == self.instance_id and job.job_id not in self.tracker.handles
@@ -958,9 +1072,11 @@ class Router:
                 drop.append(entry_id)
             else:
                 job.model = pool.name  # a job from the stream of this model is this model's
-                pool.backlog.append((entry_id, job))
+                kept.append((entry_id, job))
         if drop:
             await self.ack(drop, pool.name)
+        for item in await self._divert_sticky(pool, kept) if self.affinity is not None else kept:
+            pool.backlog.append(item)
         await self._dispatch_backlog(pool)
 
     async def _cancelled_remote(self, job: proto.Job) -> bool:
@@ -1009,6 +1125,8 @@ class Router:
                 self.pool.remove(worker)
                 pool.backlog.appendleft((entry_id, job))
                 continue
+            if self.affinity is not None and isinstance(pool.routing, CacheAwarePolicy):
+                self.affinity.record(pool.name, pool.routing.key_of(job).hashes, worker.worker_id)
             pool.on_dispatch(worker, job)
             log.debug("job dispatched", extra={"job_id": job.job_id, "worker_id": worker.worker_id, "model": pool.name})
             self.route(job.reply_to, proto.Dispatched(job.job_id, worker.worker_id, self.instance_id))
@@ -1247,7 +1365,7 @@ class Router:
             if pool is None:
                 pool = self.pool.pools[spec.name] = self.new_pool(spec)
                 if self.running:
-                    pool.dispatcher = asyncio.create_task(self.dispatch_forever(pool), name=f"dispatch-{spec.name}")
+                    pool.dispatcher = asyncio.create_task(self.supervise_dispatcher(pool), name=f"dispatch-{spec.name}")
             pool.spec = spec
         log.info("configuration reloaded", extra={"models": catalog.names, "default": self.model_name})
         for pool in removed:
@@ -3050,7 +3168,7 @@ async def drain(router: Router) -> None:
         for pool in list(router.pool.pools.values()):
             entries = [pool.backlog.popleft() for _ in range(len(pool.backlog))]
             try:
-                await router.queue.hand_back(entries, pool.name)
+                await router.queue.hand_back(pool.name, entries)
             except RedisError as exc:  # left pending on this instance: the sweeper reclaims them
                 log.warning("could not hand back the backlog", extra={"model": pool.name, "error": str(exc)})
             if entries:

@@ -166,6 +166,25 @@ class RouterMetrics:
             registry=registry,
         )
         self.completion_tokens = Counter("auxot_completion_tokens", "Generated tokens", model, registry=registry)
+        # prompt-cache routing: a job is a hit when llama-server reused at least half of its prompt
+        # (the policy's own definition, routing.CacheAwarePolicy.on_complete)
+        self.cache_jobs = Counter(
+            "auxot_prompt_cache_jobs", "Finished jobs by prompt-cache result (hit, miss)", ["model", "result"],
+            registry=registry,
+        )  # fmt: skip
+        self.cache_hit_ratio = Gauge(
+            "auxot_prompt_cache_hit_ratio", "Cached share of prompt tokens on this router since start", model,
+            registry=registry,
+        )  # fmt: skip
+        self.sticky_forwarded = Counter(
+            "auxot_sticky_forwarded_jobs", "Jobs moved to another router instance whose worker held their prompt",
+            model, registry=registry,
+        )  # fmt: skip
+        self.dispatcher_restarts = Counter(
+            "auxot_dispatcher_restarts", "Dispatcher loops restarted after an unexpected error (a bug: see the log)",
+            model, registry=registry,
+        )  # fmt: skip
+        self._prompt_totals: dict[str, list[int]] = {}  # model -> [prompt, cached] tokens
         self.jobs = Counter("auxot_jobs", "Finished jobs by outcome", ["model", "outcome"], registry=registry)
         self.queue_wait = Histogram(
             "auxot_queue_wait_seconds", "Time from enqueue to dispatch", model, buckets=QUEUE_BUCKETS, registry=registry
@@ -231,6 +250,13 @@ class RouterMetrics:
             self.cached_tokens.labels(model).inc(stats.cached_tokens)
         if stats.completion_tokens:
             self.completion_tokens.labels(model).inc(stats.completion_tokens)
+        if stats.prompt_tokens and stats.outcome == "complete":
+            hit = stats.cached_tokens * 2 >= stats.prompt_tokens
+            self.cache_jobs.labels(model, "hit" if hit else "miss").inc()
+            totals = self._prompt_totals.setdefault(model, [0, 0])
+            totals[0] += stats.prompt_tokens
+            totals[1] += stats.cached_tokens
+            self.cache_hit_ratio.labels(model).set(totals[1] / totals[0])
         queued = stats.queue_seconds()
         if queued is not None:
             self.queue_wait.labels(model).observe(queued)

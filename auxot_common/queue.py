@@ -12,7 +12,18 @@ group ``workers`` on each        group   one consumer per *router instance* (see
 ``{p}instance:{instance}``       string  the instance is alive (TTL); the sweeper reads it
 ``{p}worker:{worker_id}``        string  JSON about a connected worker (TTL, refreshed only by the
                                          worker's own heartbeats); ``/health`` lists the cluster
+``{stream}@{instance}``          stream  *targeted*: jobs of that model another instance moved to
+                                         this one because one of its workers holds their prompt
+                                         (``sticky``; :mod:`auxot_common.affinity`); same group
 ==============================  ======  ===========================================================
+
+Targeted streams (only with ``sticky``, a shared Redis and cache-aware routing): read in the same
+``XREADGROUP`` as the shared stream, but only while the pool has a free slot; entries not taken
+within the hold bound go back to the shared stream marked ``hop`` (never forwarded again); a dead
+instance's targeted stream is swept like its shared-stream pending list (pending entries are
+reclaimed, undelivered ones moved back to the shared stream). A move between streams is one
+MULTI/EXEC (XADD + XACK + XDEL), so a job is in exactly one place. Entry ids of a targeted
+stream travel as ``{key}|{id}`` so that :meth:`StreamQueue.ack` finishes them on their stream.
 
 Why one consumer per router instance rather than per worker (the Go design): the instance holding
 worker sockets reads exactly as many jobs as its workers have free slots (``COUNT`` = free slots,
@@ -53,6 +64,8 @@ GROUP = "workers"
 INBOX_MAXLEN = 100_000
 INBOX_TTL_S = 600
 CANCELLED_TTL_S = 3600
+
+_DELETE_IF_EMPTY = "if redis.call('XLEN', KEYS[1]) == 0 then return redis.call('DEL', KEYS[1]) end return 0"
 
 JobEntry = tuple[str, Job | None]  # (stream entry id, job or None if the entry was unreadable)
 
@@ -97,6 +110,9 @@ class StreamQueue:
         # release before several models, so an upgrade finds the jobs already queued
         self.single_stream = False
         self._adds: TurnBatch[tuple[str, str, bytes], Any] = TurnBatch(self._xadd_all)
+        # read this instance's targeted streams too (set by the router: shared Redis + cache routing)
+        self.sticky = False
+        self._no_forward: dict[str, None] = {}  # job ids read from a targeted stream or bounced
 
     # --- keys -----------------------------------------------------------------------------------
 
@@ -105,6 +121,10 @@ class StreamQueue:
         if self.single_stream or not model:
             return self.jobs_key
         return f"{self.prefix}jobs:{model_key(model)}"
+
+    def target_key(self, model: str = "", instance_id: str = "") -> str:
+        """The targeted stream of ``model`` for ``instance_id`` (this instance by default)."""
+        return f"{self.stream_key(model)}@{instance_id or self.instance_id}"
 
     def inbox_key(self, instance_id: str) -> str:
         return f"{self.prefix}inbox:{instance_id}"
@@ -143,21 +163,6 @@ class StreamQueue:
         self._jobs_added[job.model].set()
         return _text(entry_id)
 
-    async def hand_back(self, entries: list[tuple[str, Job]], model: str = "") -> None:
-        """Give jobs this instance read but will not run back to the shared stream (a draining
-        instance's read-ahead backlog): re-added as new entries and their old entries finished,
-        in one transaction, so each job is in the stream exactly once and another instance runs it."""
-        if not entries:
-            return
-        key = self.stream_key(model)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _, job in entries:
-                pipe.xadd(key, {"job_id": job.job_id, "data": encode(job)})
-            ids = [entry_id for entry_id, _ in entries]
-            pipe.xack(key, GROUP, *ids)
-            pipe.xdel(key, *ids)
-            await pipe.execute()
-
     async def _xadd_all(self, items: list[tuple[str, str, bytes]]) -> list[Any]:
         if len(items) == 1:  # alone in its turn: no pipeline to build
             key, job_id, data = items[0]
@@ -191,12 +196,14 @@ class StreamQueue:
         waiting jobs are this minus the jobs its workers run."""
         return int(await self.redis.xlen(self.stream_key(model)))
 
-    async def read_jobs(self, count: int, timeout: float, model: str = "") -> list[JobEntry]:
+    async def read_jobs(self, count: int, timeout: float, model: str = "", targeted: bool = False) -> list[JobEntry]:
         """Take up to ``count`` new jobs of ``model`` for this instance, waiting at most
-        ``timeout`` seconds."""
+        ``timeout`` seconds; ``targeted``: from this instance's targeted stream too (sticky)."""
         added = self._jobs_added[model]
         added.clear()
         block_ms = int(timeout * 1000) if self._server_blocking else None
+        if targeted and self.sticky:
+            return await self._xreadgroup_targeted(count, block_ms, model)
         entries = await self._xreadgroup(count, block_ms, model)
         if not entries and not self._server_blocking:
             try:
@@ -217,9 +224,119 @@ class StreamQueue:
         self._waiting[model] = max(self._waiting[model] - len(entries), 0)
         return entries
 
+    async def _xreadgroup_targeted(self, count: int, block_ms: int | None, model: str) -> list[JobEntry]:
+        shared, target = self.stream_key(model), self.target_key(model)
+        streams: dict[Any, Any] = {shared: ">", target: ">"}
+        try:
+            reply: Any = await self.redis.xreadgroup(GROUP, self.instance_id, streams, count=count, block=block_ms)
+        except ResponseError as exc:
+            await self._regroup_if_lost(exc, model)
+            await self._ensure_group_key(target)
+            reply = await self.redis.xreadgroup(GROUP, self.instance_id, streams, count=count, block=block_ms)
+        entries: list[JobEntry] = []
+        for name, stream in reply or []:
+            from_target = _text(name) == target
+            for entry_id, fields in stream:
+                entry = _job_entry(entry_id, fields)
+                if entry[1] is not None and (from_target or b"hop" in fields):
+                    self._remember_no_forward(entry[1].job_id)
+                entries.append((f"{target}|{entry[0]}", entry[1]) if from_target else entry)
+        return entries
+
+    def _remember_no_forward(self, job_id: str) -> None:
+        self._no_forward[job_id] = None
+        while len(self._no_forward) > 10_000:
+            del self._no_forward[next(iter(self._no_forward))]
+
+    def may_forward(self, job_id: str) -> bool:
+        """False for a job that was already moved once (read from a targeted stream, or bounced
+        back from one): it is never moved again, so it cannot ping-pong."""
+        return job_id not in self._no_forward
+
+    async def _ensure_group_key(self, key: str) -> None:
+        try:
+            await self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def forward(self, entry_id: str, job: Job, data: bytes, instance_id: str) -> None:
+        """Move a job read from its model's shared stream to ``instance_id``'s targeted stream,
+        atomically (the job is in exactly one of them)."""
+        shared = self.stream_key(job.model)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.target_key(job.model, instance_id), {"job_id": job.job_id, "data": data})
+            pipe.xack(shared, GROUP, entry_id)
+            pipe.xdel(shared, entry_id)
+            await pipe.execute()
+
+    async def _move_back(self, key: str, entries: list[tuple[str, bytes, bytes]], model_stream: str) -> None:
+        """Targeted entries (id, job_id, data) back to the shared stream, marked ``hop``."""
+        if not entries:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _, job_id, data in entries:
+                pipe.xadd(model_stream, {"job_id": job_id, "data": data, "hop": b"1"})
+            ids = [entry_id for entry_id, _, _ in entries]
+            pipe.xack(key, GROUP, *ids)
+            pipe.xdel(key, *ids)
+            await pipe.execute()
+
+    async def hand_back(self, model: str, entries: list[tuple[str, Job]]) -> None:
+        """Jobs this instance read but cannot run (its last worker of ``model`` went away) back
+        to the shared stream, each in one MULTI/EXEC with the XACK + XDEL of its entry, so that
+        another instance takes them; ids ``{key}|{id}`` come from a targeted stream and go back
+        marked ``hop`` (never moved again)."""
+        if not entries:
+            return
+        shared = self.stream_key(model)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for entry, job in entries:
+                key, _, entry_id = entry.rpartition("|")
+                fields: dict[Any, Any] = {"job_id": job.job_id, "data": encode(job)}
+                if key:
+                    fields["hop"] = b"1"
+                pipe.xadd(shared, fields)
+                pipe.xack(key or shared, GROUP, entry_id)
+                pipe.xdel(key or shared, entry_id)
+            await pipe.execute()
+
+    async def bounce_stale(self, model: str, max_age_s: float) -> int:
+        """Entries of this instance's targeted stream of ``model`` not read within ``max_age_s``
+        (no free slot here since they came) go back to the shared stream. Returns how many."""
+        key = self.target_key(model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.xinfo_groups(key)
+            results = await pipe.execute(raise_on_error=False)
+        now, groups = results
+        if isinstance(groups, Exception) or not groups:
+            return 0
+        seconds, micros = now
+        cutoff = f"{int(seconds) * 1000 + int(micros) // 1000 - int(max_age_s * 1000)}"
+        last = _text(groups[0]["last-delivered-id"])
+        stale: Any = await self.redis.xrange(key, min=f"({last}", max=cutoff, count=100)
+        if not stale:
+            return 0
+        # this instance is the only reader of its targeted stream: ">" yields exactly these
+        reply: Any = await self.redis.xreadgroup(GROUP, self.instance_id, {key: ">"}, count=len(stale))
+        moved = [(_text(i), f.get(b"job_id", b""), f.get(b"data", b"")) for _, s in reply or [] for i, f in s]
+        await self._move_back(key, moved, self.stream_key(model))
+        return len(moved)
+
     async def ack(self, entry_ids: list[str], model: str = "") -> None:
-        """Finish entries of ``model``'s stream: XACK then XDEL, in one round trip."""
-        await self._ack_key(self.stream_key(model), entry_ids)
+        """Finish entries of ``model``'s stream: XACK then XDEL, in one round trip. Ids of the
+        form ``{key}|{id}`` are entries of a targeted stream, finished there."""
+        plain = [e for e in entry_ids if "|" not in e]
+        by_key: dict[str, list[str]] = {}
+        for entry in entry_ids:
+            if "|" in entry:
+                key, _, entry_id = entry.rpartition("|")
+                by_key.setdefault(key, []).append(entry_id)
+        if plain or not by_key:
+            await self._ack_key(self.stream_key(model), plain)
+        for key, ids in by_key.items():
+            await self._ack_key(key, ids)
 
     async def _ack_key(self, key: str, entry_ids: list[str]) -> None:
         if not entry_ids:
@@ -307,8 +424,38 @@ class StreamQueue:
         """The keys of every job stream that exists (configured now or not: a model removed by a
         reload may still hold a dead instance's jobs)."""
         keys = [self.jobs_key] if await self.redis.exists(self.jobs_key) else []
-        keys += sorted({_text(k) async for k in self.redis.scan_iter(match=f"{self.prefix}jobs:*", count=200)})
+        found = {_text(k) async for k in self.redis.scan_iter(match=f"{self.prefix}jobs:*", count=200)}
+        keys += sorted(k for k in found if "@" not in k)  # targeted streams: see targeted_streams
         return keys
+
+    async def targeted_streams(self) -> list[tuple[str, str]]:
+        """(key, owner instance) of every targeted stream."""
+        found = {_text(k) async for k in self.redis.scan_iter(match=f"{self.prefix}jobs*@*", count=200)}
+        return sorted((k, k.rpartition("@")[2]) for k in found)
+
+    async def _sweep_targeted(self, min_idle_s: float) -> list[JobEntry]:
+        """A dead instance's targeted streams: entries it had read are reclaimed (returned, ids
+        ``{key}|{id}``); entries it never read go back to the shared stream; the empty stream
+        is deleted."""
+        claimed: list[JobEntry] = []
+        for key, owner in await self.targeted_streams():
+            if owner == self.instance_id or await self.instance_alive(owner):
+                continue
+            shared = key.rpartition("@")[0]
+            await self._ensure_group_key(key)  # a late forward may have created it without one
+            claimed.extend((f"{key}|{i}", job) for i, job in await self._claim_all(owner, int(min_idle_s * 1000), key))
+            while True:  # one sweeper gets each undelivered entry (">"), then moves it
+                reply: Any = await self.redis.xreadgroup(GROUP, self.instance_id, {key: ">"}, count=100)
+                moved = [(_text(i), f.get(b"job_id", b""), f.get(b"data", b"")) for _, s in reply or [] for i, f in s]
+                if not moved:
+                    break
+                await self._move_back(key, moved, shared)
+                log.warning(
+                    "moved jobs of a dead instance's targeted stream back",
+                    extra={"instance": owner, "jobs": len(moved)},
+                )
+            await self.redis.eval(_DELETE_IF_EMPTY, 1, key)  # atomic: a late forward is never lost
+        return claimed
 
     async def reclaim_from_dead_instances(self, min_idle_s: float) -> list[JobEntry]:
         """Claim the pending jobs of instances whose liveness key expired, on every model's
@@ -331,6 +478,8 @@ class StreamQueue:
                 if name == self.instance_id or await self.instance_alive(name):
                     continue
                 claimed.extend(await self._claim_all(name, int(min_idle_s * 1000), key))
+        if self.sticky:
+            claimed.extend(await self._sweep_targeted(min_idle_s))
         return claimed
 
     async def _claim_all(self, consumer: str, min_idle_ms: int, key: str) -> list[JobEntry]:

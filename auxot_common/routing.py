@@ -446,6 +446,16 @@ class CacheAwarePolicy:
         self._holding.pop(job.job_id, None)
         return Choice(worker=best_worker, expected_cached_tokens=best_cached)
 
+    def remote_saving_s(self, job: Any, remote_blocks: int, workers: Sequence[WorkerView], now: float) -> float:
+        """Prefill a worker elsewhere holding ``remote_blocks`` of ``job``'s prompt would save
+        over the best of ``workers`` (this instance's): what moving the job there is worth."""
+        key = self.key_of(job)
+        local = max((self.stats_for(w).index.match(key.hashes, now)[0] for w in workers), default=0)
+        extra_tokens = (min(remote_blocks, len(key.hashes)) - local) * self.config.block_bytes / self._bytes_per_token
+        measured = [s.ms_per_token for s in self.workers.values() if s.ms_per_token > 0]
+        ms_per_token = sum(measured) / len(measured) if measured else self.config.default_ms_per_token
+        return max(extra_tokens, 0.0) * ms_per_token / 1000.0
+
     def held_until(self, job_id: str) -> float:
         holding = self._holding.get(job_id)
         return holding.until if holding is not None else 0.0
