@@ -9,7 +9,6 @@ one whose worker is cold moves it to the warm one's targeted stream.
 from __future__ import annotations
 
 import concurrent.futures
-import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,30 +88,22 @@ def test_turns_sent_to_either_router_reuse_the_prompt_on_its_worker(
             assert cached >= 0.9 * prompt, (i, turn, served)
     assert all(_metric(r, "auxot_prompt_cache_hit_ratio") > 0 for r in routers)
 
-    # A turn the cold router reads is moved to the warm one: the warm router is stopped (SIGSTOP)
-    # while the turn is sent to the other, so only the other can read it; it moves the job, and
-    # once the warm router runs again its worker serves the turn from its cache.
+    # A turn sent to the cold router is served by the warm worker from its cache, whichever
+    # router reads it from the shared stream: the cold router moves it (the hand-off itself is
+    # tested against a real Redis in test_queue_sticky.py), or the warm router, whose blocked
+    # read Redis may serve first, takes it directly.
     warm_id = results[0][0][0]
-    warm = next(r for r in routers if warm_id in own_workers(r))
-    cold = next(r for r in routers if r is not warm)
-    moved_before = _metric(cold, "auxot_sticky_forwarded_jobs_total")
+    cold = next(r for r in routers if warm_id not in own_workers(r))
     messages = [*opening(0), {"role": "user", "content": "one more turn"}]
-    box: dict[str, http.Response] = {}
-    warm.signal(signal.SIGSTOP)
-    try:
-        caller = threading.Thread(target=lambda: box.setdefault("moved", chat(cold, messages)))
-        caller.start()
-        wait_for(lambda: _metric(cold, "auxot_sticky_forwarded_jobs_total") > moved_before, 10, "the job to move")
-    finally:
-        warm.signal(signal.SIGCONT)
-    caller.join(30)
-    usage = box["moved"].json()["usage"]
-    assert box["moved"].headers["x-auxot-worker"] == warm_id
+    reply = chat(cold, messages)
+    usage = reply.json()["usage"]
+    assert reply.headers["x-auxot-worker"] == warm_id
     assert usage["prompt_tokens_details"]["cached_tokens"] >= 0.9 * usage["prompt_tokens"]
 
     # Its warm worker dies while it runs a turn (nothing sent yet): the turn is re-queued and
     # served by the other worker, once, whichever router received it.
     messages = [*opening(0), {"role": "user", "content": "FAKE:slow_first_token:3"}]
+    box: dict[str, http.Response] = {}
     caller = threading.Thread(target=lambda: box.setdefault("r", chat(cold, messages, max_tokens=5)))
     caller.start()
     victim = wait_for(lambda: running_on(workers), 20, "the turn to reach a worker")
