@@ -1337,6 +1337,10 @@ class RouterLink:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
                 self._on_message(msg.data, runner)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            # e.g. a process paused (SIGSTOP, a VM freeze) wakes to a socket the router closed:
+            # aiohttp's answer to a queued ping fails. A lost connection, not a reason to exit.
+            log.warning("the connection to the router broke", extra={"error": str(exc) or type(exc).__name__})
         finally:
             heartbeats.cancel()
             stopper.cancel()
