@@ -1782,6 +1782,7 @@ def is_anthropic(request: web.Request) -> bool:
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",

@@ -7,14 +7,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import openai
+import orjson
 import pytest
 
 from tests.conftest import Cluster, Keys
+from tests.support import http
 from tests.support.fake_provider import FakeProvider, ServerThread
 from tests.support.reliability import wait_for
+from tests.test_e2e_keys import add_key, claude, oai, works
 from tests.test_e2e_models import models_router
 from tests.test_metrics import scrape, value
 
@@ -163,3 +167,80 @@ def test_overflow_takes_the_job_out_of_the_queue(
     samples = scrape(router.url, router.headers())
     assert value(samples, "auxot_jobs_total", model="Tiny-Alpha", outcome="overflow") == 2
     assert len(fake.requests) == 2 and fake.requests[-1].path == "/v1/chat/completions"
+
+
+TEAM_ONLY = """
+[[models]]
+name = "Tiny-Alpha"
+ctx_size = 1024
+default = true
+
+[upstreams.paid]
+api = "openai"
+base_url = "{url}/v1"
+model = "provider-model"
+key_env = "FAKE_UPSTREAM_KEY"
+keys = ["team"]
+
+[fallbacks]
+Tiny-Alpha = {{ upstream = "paid", when = "no-worker" }}
+"""
+
+
+def test_only_listed_keys_go_upstream_and_their_usage_is_counted(
+    bare: Cluster, tmp_path: Path, provider: tuple[FakeProvider, str]
+) -> None:
+    """``keys = ["team"]``: only the key named team is sent off-premises, asked by name or by
+    fallback; the others get a 403 or stay local; team's upstream tokens are in its usage."""
+    fake, url = provider
+    router = models_router(
+        bare, tmp_path, TEAM_ONLY.format(url=url), FAKE_UPSTREAM_KEY=UPSTREAM_KEY,
+        AUXOT_KEYS_REFRESH="0.2s", AUXOT_JOB_TIMEOUT="2s",
+    )  # fmt: skip
+    team, other, admin = add_key(router, "team"), add_key(router, "other"), add_key(router, "ops", "--admin")
+    wait_for(lambda: works(oai(router, other).models.list), 10, "the new keys")
+
+    # the allowed key: the upstream by name and as the fallback of a model nobody serves
+    told = oai(router, team).chat.completions.create(model="paid", messages=PROMPT, max_tokens=8)  # type: ignore[arg-type]
+    assert told.choices[0].message.content == "Hello from upstream."
+    as_team = oai(router, team).chat.completions.with_raw_response
+    fallback = as_team.create(model="Tiny-Alpha", messages=PROMPT, max_tokens=8)  # type: ignore[arg-type]
+    assert fallback.headers["x-auxot-routed-model"] == "paid"
+    assert len(fake.requests) == 2
+
+    # another key asking for the upstream: a 403 in each API's shape, nothing sent
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        oai(router, other).chat.completions.create(model="paid", messages=PROMPT, max_tokens=8)  # type: ignore[arg-type]
+    assert denied.value.status_code == 403 and "paid" in denied.value.message
+    assert denied.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    with pytest.raises(anthropic.PermissionDeniedError) as denied_a:
+        claude(router, other).messages.create(model="paid", max_tokens=8, messages=PROMPT)  # type: ignore[arg-type]
+    assert denied_a.value.body["error"]["type"] == "permission_error"  # type: ignore[index]
+
+    # ... and asking for the local model: no fallback for it, the job waits for a local worker
+    # (none comes: the local timeout), and its prompt never reaches the provider
+    secret = [{"role": "user", "content": "internal only: do not send off-premises"}]
+    with pytest.raises(openai.APIStatusError) as local:
+        oai(router, other).chat.completions.create(model="Tiny-Alpha", messages=secret, max_tokens=8)  # type: ignore[arg-type]
+    assert local.value.status_code >= 500 and "x-auxot-routed-model" not in local.value.response.headers
+    with pytest.raises(anthropic.APIStatusError):
+        claude(router, other).messages.create(model="Tiny-Alpha", max_tokens=8, messages=secret)  # type: ignore[arg-type]
+    assert len(fake.requests) == 2
+    assert all("internal only" not in str(r.body) for r in fake.requests)
+
+    # usage per key: team's two upstream answers, with the tokens the provider reported
+    def team_row() -> dict[str, Any]:
+        response = http.get(f"{router.url}/admin/usage?key=team", headers={"Authorization": f"Bearer {admin}"})
+        assert response.status == 200, response.body
+        rows = orjson.loads(response.body)["data"]
+        return rows[0] if rows else {}
+
+    wait_for(lambda: team_row().get("requests") == 2, 10, "team's usage")
+    row = team_row()
+    assert told.usage is not None
+    per_answer = (told.usage.prompt_tokens, told.usage.completion_tokens)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (2 * per_answer[0], 2 * per_answer[1])
+    assert told.usage.prompt_tokens == fake.prompt_tokens and told.usage.completion_tokens == len(fake.words)
+    response = http.get(f"{router.url}/admin/usage?key=other", headers={"Authorization": f"Bearer {admin}"})
+    other_rows = orjson.loads(response.body)["data"]
+    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in other_rows) == 0
