@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import anthropic
 import openai
 import orjson
 import pytest
@@ -117,3 +118,50 @@ def test_rules_constraints_and_classify(cluster: Cluster, tmp_path: Path, hf: Fa
     assert model == routed == "Tiny-Alpha"
     assert reason.startswith("classifier timed out after 1 ms") and "default" in reason
     assert http.get(f"{router.url}/health").status == 200
+
+
+SIGNED = """
+[[models]]
+name = "Tiny-Alpha"
+default = true
+
+[auto]
+default = "Tiny-Alpha"
+signature = {on}
+"""
+
+
+def test_the_signature_line_is_off_by_default_and_on_when_configured(fake_cluster: Cluster, tmp_path: Path) -> None:
+    """``[auto] signature = true``: local answers chosen by ``auto`` end with the line naming the
+    model, whole and streamed, on both APIs; off (the default), the text is the model's own."""
+    router = models_router(fake_cluster, tmp_path, SIGNED.format(on="true"))
+    fake_cluster.worker(router)
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key=router.keys.api_key, max_retries=0)
+    claude = anthropic.Anthropic(base_url=router.url, api_key=router.keys.api_key, max_retries=0)
+    prompt = "FAKE:echo say it back"  # the fake llama-server answers with the prompt itself
+    line = "\n\n— answered by Tiny-Alpha (auto)"
+
+    def whole(model: str = "auto") -> str:
+        messages = [{"role": "user", "content": prompt}]
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=64)  # type: ignore[arg-type]
+        return reply.choices[0].message.content or ""
+
+    def streamed() -> str:
+        messages = [{"role": "user", "content": prompt}]
+        chunks = client.chat.completions.create(model="auto", messages=messages, max_tokens=64, stream=True)  # type: ignore[arg-type]
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # type: ignore[union-attr]
+
+    def anthropic_text() -> str:
+        with claude.messages.stream(model="auto", max_tokens=64, messages=[{"role": "user", "content": prompt}]) as s:
+            return "".join(s.text_stream)
+
+    assert whole() == prompt + line
+    assert streamed() == prompt + line
+    assert anthropic_text() == prompt + line
+    assert whole("Tiny-Alpha") == prompt  # asked for by name: not auto's choice, no line
+
+    models_file = Path(router.env["AUXOT_MODELS_FILE"])
+    models_file.write_text(SIGNED.replace("signature = {on}\n", ""))  # off by default
+    os.utime(models_file, (1, 1))
+    wait_for(lambda: whole() == prompt, 20, "the signature off after the reload")
+    assert streamed() == prompt and anthropic_text() == prompt
