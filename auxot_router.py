@@ -168,7 +168,7 @@ class RouterConfig:
     fair_readahead: int = 64
     queue_notice: float = 1.0
     routing: str = "cache"  # AUXOT_ROUTING: cache | least-busy | round-robin
-    cache_max_wait: float = 3.0  # AUXOT_CACHE_MAX_WAIT: longest hold for a busy warm worker
+    cache_max_wait: float = 10.0  # AUXOT_CACHE_MAX_WAIT: longest hold for a busy warm worker
     models: str = ""  # AUXOT_MODELS: comma-separated, the first is the default
     models_file: str = ""  # AUXOT_MODELS_FILE: TOML, wins over AUXOT_MODELS and AUXOT_MODEL
     move_cooldown: float = 600.0  # a worker is not moved again within this long
@@ -247,7 +247,7 @@ class RouterConfig:
             fair_readahead=read.integer("AUXOT_FAIR_READAHEAD", 64, minimum=0),
             queue_notice=read.duration("AUXOT_QUEUE_NOTICE", 1.0, minimum=0.05),
             routing=read.choice("AUXOT_ROUTING", "cache", ROUTING_MODES),
-            cache_max_wait=read.duration("AUXOT_CACHE_MAX_WAIT", 3.0),
+            cache_max_wait=read.duration("AUXOT_CACHE_MAX_WAIT", 10.0),
             models=read.text("AUXOT_MODELS", ""),
             models_file=read.text("AUXOT_MODELS_FILE", ""),
             move_cooldown=read.duration("AUXOT_MOVE_COOLDOWN", 600.0),

@@ -66,8 +66,13 @@ class RoutingConfig:
     # (~0.1 s) is not worth stacking jobs on one worker while others idle, and the warm prefix of
     # a conversation (thousands of tokens, seconds) always is.
     load_cost_s: float = 0.5
-    # Longest a job waits for its busy warm worker while another is free.
-    max_hold_s: float = 3.0
+    # Longest a job waits for its busy warm worker while another is free (the hold is also never
+    # longer than the prefill it saves). Not below a typical job's duration: a warm worker frees
+    # its next slot after about one job (prefill + a few hundred output tokens: ~5 s); a cap
+    # under that makes held turns go cold just before their slot frees, and under load each cold
+    # prefill occupies another GPU, keeps its slots busy longer and expires more holds (in the
+    # replay, 3 s: 79-98% of the oracle's cached tokens across seeds 1-7; 5 s and up: 95-98%).
+    max_hold_s: float = 10.0
     # Smallest prefill saving worth holding a job for.
     min_hold_saving_s: float = 0.5
     index_ttl_s: float = 3600.0

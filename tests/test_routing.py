@@ -234,6 +234,34 @@ def test_a_job_waits_a_bounded_time_for_its_busy_warm_worker() -> None:
     assert policy.pick(j3, [warm, idle], now=14.5).worker is warm
 
 
+def test_by_default_a_long_turn_waits_out_a_typical_job_on_its_warm_worker() -> None:
+    # A warm worker frees its next slot after about one job (~5 s: prefill + decode). A turn
+    # that saves ~7 s of prefill must still be held when that slot frees, not sent cold at 3 s.
+    policy = CacheAwarePolicy()
+    warm, idle = FakeWorker("A", slots=1), FakeWorker("B", slots=1)
+    turn1 = conversation("long", 12, turn_bytes=10_000)  # ~35k tokens: ~7 s of prefill at 0.2 ms
+    policy.on_dispatch(warm, job(turn1), now=0.0)
+    warm.running["other"] = object()  # full
+    j2 = job([*turn1, {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}])
+    held = policy.pick(j2, [warm, idle], now=11.0)
+    assert held.worker is None and 11.0 + 5.5 < held.hold_until <= 11.0 + policy.config.max_hold_s
+    assert policy.pick(j2, [warm, idle], now=16.0).worker is None
+    warm.running.clear()  # its slot frees after a typical job
+    assert policy.pick(j2, [warm, idle], now=16.0).worker is warm
+
+
+def test_a_hold_never_outlasts_the_prefill_it_saves() -> None:
+    policy = CacheAwarePolicy()  # cap 10 s
+    warm, idle = FakeWorker("A", slots=1), FakeWorker("B", slots=1)
+    turn1 = conversation("mid", 4, turn_bytes=10_000)  # ~12k tokens: ~2.4 s of prefill
+    policy.on_dispatch(warm, job(turn1), now=0.0)
+    warm.running["other"] = object()
+    j2 = job([*turn1, {"role": "user", "content": "b"}])
+    held = policy.pick(j2, [warm, idle], now=11.0)
+    assert held.worker is None and 11.0 + 1.0 < held.hold_until < 11.0 + 4.0
+    assert policy.pick(j2, [warm, idle], now=held.hold_until).worker is idle
+
+
 def test_no_hold_when_the_saving_is_small() -> None:
     policy = CacheAwarePolicy()
     warm, idle = FakeWorker("A", slots=1), FakeWorker("B", slots=1)
