@@ -1737,6 +1737,7 @@ llama-server:
   AUXOT_THREADS              --threads (0 = llama-server's default)
   AUXOT_MAX_PARALLEL         slots (the policy's); fewer if memory is short, then less context per slot
   AUXOT_LLAMA_ARGS           extra llama-server flags, space-separated
+  AUXOT_CACHE_RAM_MIB        llama-server's host-RAM prompt cache (--cache-ram; a quarter of RAM)
   AUXOT_READY_TIMEOUT        how long llama-server may take to load the model (10m)
   AUXOT_LLAMA_MAX_RESTARTS   crash restarts allowed within 10 minutes before the worker exits 1 (5)
   AUXOT_LLAMA_RESTART_DELAY  first restart delay, doubling up to 30s (1s)

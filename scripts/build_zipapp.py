@@ -56,8 +56,19 @@ def cache_dir() -> Path:
     return Path(base) / "auxot" / "zipapp-deps"
 
 
+# Optional speed-ups left out of the one-file builds: uvloop's wheels would double each file (one
+# build per Python version), and both roles run on asyncio's own loop without it.
+LEFT_OUT = ("uvloop",)
+
+
+def zipapp_requirements() -> str:
+    """requirements.txt without the optional packages of LEFT_OUT."""
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    return "\n".join(line for line in lines if not line.strip().startswith(LEFT_OUT)) + "\n"
+
+
 def requirements_key() -> str:
-    digest = hashlib.sha256(FORMAT.encode() + (REPO / "requirements.txt").read_bytes())
+    digest = hashlib.sha256(FORMAT.encode() + zipapp_requirements().encode())
     return digest.hexdigest()[:16]
 
 
@@ -69,10 +80,12 @@ def dependencies(plat: Platform, python: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     abi = f"cp{python.replace('.', '')}"
+    requirements = staging.parent / f".{staging.name}-requirements.txt"
+    requirements.write_text(zipapp_requirements())
     command = [
         sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
         "--target", str(staging), "--only-binary=:all:", "--implementation", "cp", "--python-version", python,
-        "--abi", abi, "--abi", "abi3", "--abi", "none", "-r", str(REPO / "requirements.txt"),
+        "--abi", abi, "--abi", "abi3", "--abi", "none", "-r", str(requirements),
     ]  # fmt: skip
     for tag in plat.tags:
         command += ["--platform", tag]
@@ -86,6 +99,8 @@ def dependencies(plat: Platform, python: str) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         if not target.is_dir():
             raise
+    finally:
+        requirements.unlink(missing_ok=True)
     return target
 
 

@@ -19,6 +19,7 @@ import pytest
 
 import auxot_worker as worker
 from auxot_common import protocol as proto
+from auxot_common.datadir import data_dir
 from auxot_common.gpu import GpuDevice, GpuInfo
 from auxot_common.provision import ModelFiles, dial_down_steps, policy_change, vram_report_gb
 from auxot_common.settings import ConfigError
@@ -68,7 +69,8 @@ def test_backend_url_is_normalised() -> None:
 def test_config_defaults_and_overrides() -> None:
     config = worker.WorkerConfig.from_sources({"AUXOT_GPU_KEY": "adm_x"}, {})
     assert config.gpu_layers is None  # decided by GPU detection
-    assert (config.models_dir, config.llama_cache_dir) == ("~/.auxot/models", "~/.auxot/llama-server")
+    data = data_dir({"AUXOT_GPU_KEY": "adm_x"})  # ~/.auxot, or a GPU cloud's volume (auxot_common/datadir.py)
+    assert (config.models_dir, config.llama_cache_dir) == (str(data / "models"), str(data / "llama-server"))
     assert (config.max_restarts, config.restart_delay, config.backend_url) == (5, 1.0, "")
     env = {
         "AUXOT_GPU_KEY": "adm_x", "AUXOT_GPU_LAYERS": "0", "AUXOT_LLAMA_URL": "127.0.0.1:9/v1",
