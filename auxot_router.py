@@ -1315,10 +1315,21 @@ class Router:
                 await self._stop_on_worker(found[0], job_id)
             elif dispatched_to is not None and dispatched_to[0] != self.instance_id:
                 self.relay.send(dispatched_to[0], proto.encode(proto.Cancel(job_id)))
-            else:
+            elif not await self._drop_from_backlog(job_id):
                 await self.queue.mark_cancelled(job_id)
         except RedisError as exc:
             log.warning("could not record a cancellation", extra={"job_id": job_id, "error": str(exc)})
+
+    async def _drop_from_backlog(self, job_id: str) -> bool:
+        """A job read ahead into one of this instance's backlogs whose caller left: finish it now
+        rather than when a slot would reach it (it no longer counts as waiting)."""
+        for pool in self.pool.pools.values():
+            entry = pool.backlog.remove(job_id)
+            if entry is not None:
+                pool.routing.forget_job(job_id)
+                await self.ack([entry[0]], pool.name)
+                return True
+        return False
 
     async def on_relayed(self, raw: bytes) -> None:
         """A message another instance relayed to this one."""

@@ -117,6 +117,20 @@ class FairBacklog(Generic[T]):
                     best, found = rank, key
         return found
 
+    def remove(self, item_id: str) -> T | None:
+        """Take out the waiting item with this id (its caller left), or None if it is not here."""
+        if self._id_of is None:
+            return None
+        for key, lane in self._lanes.items():
+            for index, item in enumerate(lane.items):
+                if self._id_of(item) == item_id:
+                    del lane.items[index]
+                    self._len -= 1
+                    if not lane.items:
+                        del self._lanes[key]
+                    return item
+        return None
+
     def position(self, item_id: str) -> int | None:
         """1 if the item is next, n if n-1 jobs start before it; None if it is not here."""
         if self._id_of is None:

@@ -109,3 +109,12 @@ def test_items_put_back_one_by_one_do_not_jump_ahead_of_other_keys() -> None:
         backlog.appendleft(backlog.popleft())
     backlog.append(("B", "b0"))
     assert [backlog.popleft()[1] for _ in range(3)] == ["a0", "b0", "a1"]
+
+
+def test_a_waiting_item_can_be_taken_out_by_id() -> None:
+    backlog: FairBacklog[tuple[str, str]] = FairBacklog(key_of=lambda e: (e[0], 1), id_of=lambda e: e[1])
+    for item in (("A", "a0"), ("A", "a1"), ("B", "b0")):
+        backlog.append(item)
+    assert backlog.remove("a1") == ("A", "a1") and backlog.remove("nope") is None
+    assert backlog.remove("b0") == ("B", "b0")
+    assert len(backlog) == 1 and backlog.popleft() == ("A", "a0") and not backlog
