@@ -1707,7 +1707,12 @@ class Router:
         """What /health reports beyond this instance: read in the background, so that a health
         probe never scans Redis and answers at once even while Redis is slow or away."""
         try:
-            depths = {spec.name: await self.queue.unfinished(spec.name) for spec in self.catalog.specs}
+            if self.queue.shared:  # other instances read our workers' load fresh, not a heartbeat old
+                infos = {w.worker_id: self.worker_info(w) for w in self.pool.workers.values()}
+                await self.queue.beat_workers(infos, self.config.dead_worker_timeout)
+                for gone in infos.keys() - self.pool.workers.keys():  # left meanwhile: not a ghost
+                    await self.queue.drop_worker(gone)
+            depths = await self.queue.unfinished([spec.name for spec in self.catalog.specs])
             cluster = await self.queue.cluster_workers() if self.queue.shared else []
         except RedisError as exc:
             self.redis_error = str(exc) or type(exc).__name__

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -190,11 +191,25 @@ class StreamQueue:
                 await self._regroup_if_lost(exc, model)
         return max(int(length) - int(pending["pending"]), 0)
 
-    async def unfinished(self, model: str = "") -> int:
-        """Entries of ``model``'s stream not finished yet (finished ones are deleted): waiting,
-        read ahead into some instance's backlog, or running. With a shared Redis, the cluster's
-        waiting jobs are this minus the jobs its workers run."""
-        return int(await self.redis.xlen(self.stream_key(model)))
+    async def unfinished(self, models: Sequence[str]) -> dict[str, int]:
+        """Per model, its jobs not finished yet (finished entries are deleted): waiting, read
+        ahead into some instance's backlog, or running, in its shared stream and in every
+        instance's targeted stream. With a shared Redis, the cluster's waiting jobs are this
+        minus the jobs its workers run. One SCAN and one pipelined round trip."""
+        targeted = [k for k, _ in await self.targeted_streams()] if self.shared else []
+        keys: list[tuple[str, str]] = []
+        for model in models:
+            shared_key = self.stream_key(model)
+            keys.append((model, shared_key))
+            keys.extend((model, k) for k in targeted if k.rpartition("@")[0] == shared_key)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, key in keys:
+                pipe.xlen(key)
+            lengths = await pipe.execute()
+        counts = dict.fromkeys(models, 0)
+        for (model, _), length in zip(keys, lengths, strict=True):
+            counts[model] += int(length)
+        return counts
 
     async def read_jobs(self, count: int, timeout: float, model: str = "", targeted: bool = False) -> list[JobEntry]:
         """Take up to ``count`` new jobs of ``model`` for this instance, waiting at most
@@ -406,6 +421,15 @@ class StreamQueue:
 
     async def beat_worker(self, worker_id: str, info: dict[str, Any], ttl_s: float) -> None:
         await self.redis.set(self._worker_key(worker_id), orjson.dumps(info), px=int(ttl_s * 1000))
+
+    async def beat_workers(self, infos: Mapping[str, dict[str, Any]], ttl_s: float) -> None:
+        """:meth:`beat_worker` for several workers in one round trip."""
+        if not infos:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id, info in infos.items():
+                pipe.set(self._worker_key(worker_id), orjson.dumps(info), px=int(ttl_s * 1000))
+            await pipe.execute()
 
     async def drop_worker(self, worker_id: str) -> None:
         await self.redis.delete(self._worker_key(worker_id))

@@ -84,6 +84,11 @@ class RoutingConfig:
     session_capacity: int = 100_000
     # Bytes per token before the pool has measured its own ratio (English/code with a BPE vocab).
     bytes_per_token: float = 3.5
+    # A worker's measured prefill rate is trusted in proportion to its measurements: it counts
+    # as n of them against this many at the pool's mean. One prefill timed while it shared the
+    # GPU (or CPU) with others can read several times too slow, and a warm conversation must not
+    # go cold on such a reading; a GPU that is really slower shows it over a dozen jobs.
+    rate_prior_jobs: int = 8
 
 
 class WorkerView(Protocol):
@@ -289,6 +294,7 @@ class WorkerCacheStats:
 
     index: PrefixIndex
     ms_per_token: float = 0.0  # measured prefill time per uncached token; 0 = not yet
+    rate_jobs: int = 0  # jobs that measured it
     # jobs running there: (dispatched at, expected prompt processing seconds), until complete
     inflight: dict[str, tuple[float, float]] = field(default_factory=dict)
     jobs: int = 0
@@ -386,11 +392,17 @@ class CacheAwarePolicy:
         ram_tokens = int(getattr(caps, "prompt_cache_tokens", 0) or 0) or int(slot_tokens * self.config.ram_factor)
         return max(int((slot_tokens + ram_tokens) * self._bytes_per_token / self.config.block_bytes), 16)
 
-    def _ms_per_token(self, stats: WorkerCacheStats) -> float:
-        if stats.ms_per_token > 0:
-            return stats.ms_per_token
+    def _pool_ms_per_token(self) -> float:
         measured = [s.ms_per_token for s in self.workers.values() if s.ms_per_token > 0]
         return sum(measured) / len(measured) if measured else self.config.default_ms_per_token
+
+    def _ms_per_token(self, stats: WorkerCacheStats) -> float:
+        """The worker's prefill rate, shrunk toward the pool's mean while it has few measurements."""
+        pool = self._pool_ms_per_token()
+        if stats.ms_per_token <= 0:
+            return pool
+        n, prior = stats.rate_jobs, self.config.rate_prior_jobs
+        return (n * stats.ms_per_token + prior * pool) / (n + prior)
 
     def tokens(self, n_bytes: int) -> int:
         return int(n_bytes / self._bytes_per_token)
@@ -457,9 +469,7 @@ class CacheAwarePolicy:
         key = self.key_of(job)
         local = max((self.stats_for(w).index.match(key.hashes, now)[0] for w in workers), default=0)
         extra_tokens = (min(remote_blocks, len(key.hashes)) - local) * self.config.block_bytes / self._bytes_per_token
-        measured = [s.ms_per_token for s in self.workers.values() if s.ms_per_token > 0]
-        ms_per_token = sum(measured) / len(measured) if measured else self.config.default_ms_per_token
-        return max(extra_tokens, 0.0) * ms_per_token / 1000.0
+        return max(extra_tokens, 0.0) * self._pool_ms_per_token() / 1000.0
 
     def held_until(self, job_id: str) -> float:
         holding = self._holding.get(job_id)
@@ -525,6 +535,7 @@ class CacheAwarePolicy:
         if prompt_ms > 0 and uncached >= 64:  # too few tokens measure overhead, not prefill
             rate = prompt_ms / uncached
             stats.ms_per_token = rate if stats.ms_per_token == 0 else 0.7 * stats.ms_per_token + 0.3 * rate
+            stats.rate_jobs += 1
         predicted_tokens = self.tokens(placed.predicted_blocks * self.config.block_bytes)
         if placed.predicted_blocks and cache_tokens < predicted_tokens * self.config.miss_share:
             # The worker no longer had what we sent it at ``prior_stamp``: neither has it anything

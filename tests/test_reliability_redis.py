@@ -269,6 +269,31 @@ async def test_a_router_without_workers_serves_through_another_routers_worker(
         assert {w["instance"] for w in health["worker_list"]} == {a.health()["instance"], b.health()["instance"]}
 
 
+async def test_health_shows_another_instances_load_within_a_refresh_not_a_heartbeat(
+    fake_cluster: Cluster, redis: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    """Workers heartbeat every 10 s (the default), yet router A's /health shows the job running on
+    router B's worker, and the job waiting behind it, within a refresh or two: no phantom queue."""
+    settings = {"AUXOT_REDIS_URL": redis.url, "AUXOT_MAX_PARALLEL": "1", "AUXOT_HEALTH_REFRESH": "0.5s"}
+    a, b = start_routers(fake_cluster, ["router-a", "router-b"], **settings)
+    worker_b = fake_cluster.worker(b, "worker-b", AUXOT_HEARTBEAT_INTERVAL="10s", FAKE_LLAMA_TOKENS_PER_SEC="25")
+    await await_for(lambda: a.health()["workers"] == 1, 5, "A's /health to see B's worker")
+    caller = Caller(b, session)
+    running = asyncio.create_task(caller.call(chat_body(stream=True, max_tokens=200), timeout=30))
+    await await_for(lambda: running_on([worker_b]) is not None, 5, "the job to run")
+    waiting = asyncio.create_task(caller.call(chat_body(stream=False, max_tokens=3), timeout=30))
+
+    def a_sees_one_running_one_waiting() -> bool:
+        health = a.health()
+        return health["active_jobs"] == 1 and health["queue_depth"] == 1
+
+    await await_for(a_sees_one_running_one_waiting, 4, "A's /health to show B's running and waiting jobs")
+    assert a.health()["worker_list"][0]["active_jobs"] == 1
+    running.cancel()
+    assert (await waiting).text == TOKEN * 3
+    await await_for(lambda: a.health()["active_jobs"] == 0 and a.health()["queue_depth"] == 0, 4, "A to see it idle")
+
+
 async def test_two_routers_and_their_sweepers_never_run_a_job_twice(
     fake_cluster: Cluster, redis: RedisServer, session: aiohttp.ClientSession
 ) -> None:
@@ -301,16 +326,17 @@ async def test_draining_router_finishes_its_stream_and_hands_its_queue_to_the_ot
     """SIGTERM router A while two streams of A's callers run (one on each instance's worker) and
     a third job of A's waits in the queue: the streams complete, A refuses new requests, A's
     queued job is served by B's worker (A reads no new jobs while draining), and A exits cleanly."""
-    settings = {"AUXOT_REDIS_URL": redis.url, "AUXOT_MAX_PARALLEL": "1"}
+    settings = {"AUXOT_REDIS_URL": redis.url, "AUXOT_MAX_PARALLEL": "1", "AUXOT_HEALTH_REFRESH": "0.25s"}
     a = fake_cluster.router("router-a", AUXOT_SHUTDOWN_GRACE="20s", **settings)
     b = fake_cluster.router("router-b", **settings)
     rate = {"FAKE_LLAMA_TOKENS_PER_SEC": "25"}
     worker_a, worker_b = start_workers_on(fake_cluster, [(a, "worker-a", rate), (b, "worker-b", rate)])
     caller = Caller(a, session)
-    streams = [asyncio.create_task(caller.call(chat_body(stream=True, max_tokens=50), timeout=30)) for _ in range(2)]
+    # 4 s streams: the third job stays queued long enough to be seen, on a loaded machine too
+    streams = [asyncio.create_task(caller.call(chat_body(stream=True, max_tokens=100), timeout=30)) for _ in range(2)]
     await await_for(lambda: running_on([worker_a]) and running_on([worker_b]), 10, "both workers to be busy")
     queued = asyncio.create_task(caller.call(chat_body(stream=False, max_tokens=3), timeout=30))
-    await await_for(lambda: a.health()["queue_depth"] == 1, 5, "A's third job to be queued")
+    await await_for(lambda: a.health()["queue_depth"] == 1, 3, "A's third job to be queued")
 
     a.signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
@@ -322,7 +348,7 @@ async def test_draining_router_finishes_its_stream_and_hands_its_queue_to_the_ot
 
     for task in streams:
         reply = await task
-        assert reply.status == 200 and reply.errors == [] and reply.text == TOKEN * 50 and reply.done
+        assert reply.status == 200 and reply.errors == [] and reply.text == TOKEN * 100 and reply.done
     reply = await queued
     assert reply.status == 200 and reply.text == TOKEN * 3
     assert worker_a.fake_stats()["requests_started"] == 1  # A's worker took nothing new while draining

@@ -279,17 +279,41 @@ def test_nothing_free_means_no_choice() -> None:
 
 
 def test_measured_prefill_rate_steers_cold_long_prompts() -> None:
+    """A GPU that prefills 10x slower over a dozen jobs gets the cold long prompt last."""
     policy = CacheAwarePolicy()
     slow, fast = FakeWorker("slow", slots=4), FakeWorker("fast", slots=4)
-    for worker, ms in ((slow, 2000.0), (fast, 200.0)):
-        j = job([{"role": "user", "content": words(worker.worker_id, 16_000)}])
-        policy.on_dispatch(worker, j, now=0.0)
-        worker.running[j.job_id] = j
-        finish(policy, worker, j, cached=0, prompt_ms=ms)
+    for n in range(12):
+        for worker, ms in ((slow, 2000.0), (fast, 200.0)):
+            j = job([{"role": "user", "content": words(f"{worker.worker_id}{n}-", 16_000)}])
+            policy.on_dispatch(worker, j, now=0.0)
+            worker.running[j.job_id] = j
+            finish(policy, worker, j, cached=0, prompt_ms=ms)
     assert policy.workers["slow"].ms_per_token > 5 * policy.workers["fast"].ms_per_token
     slow.running.clear()
     fast.running.update({"a": 1, "b": 2})  # the fast one is busier, but a 10k-token prefill dominates
     assert policy.pick(job(conversation("cold", 4)), [slow, fast], now=1.0).worker is fast
+
+
+def test_a_few_slow_readings_do_not_send_a_warm_conversation_elsewhere() -> None:
+    """Two identical workers; B's first prefills were timed while four shared the machine (5x
+    slower than A's later ones). B's conversation still goes back to B, which holds its prompt."""
+    policy = CacheAwarePolicy()
+    a, b = FakeWorker("A", slots=2, ctx=2048), FakeWorker("B", slots=2, ctx=2048)
+    openings = [
+        [{"role": "system", "content": f"Assistant {i}."}, {"role": "user", "content": words(f"c{i}-", 1300)}]
+        for i in range(6)
+    ]
+    jobs = [job(m) for m in openings]
+    for worker, batch, ms in ((b, (0, 1), 900.0), (a, (2, 3), 250.0), (a, (4, 5), 120.0)):
+        for i in batch:
+            policy.on_dispatch(worker, jobs[i], now=0.0)
+            worker.running[jobs[i].job_id] = jobs[i]
+        for i in batch:
+            finish(policy, worker, jobs[i], cached=0, prompt_ms=ms)
+    assert policy.workers["B"].ms_per_token > 4 * policy.workers["A"].ms_per_token
+    for i, holder in ((0, b), (1, b), (2, a), (5, a)):
+        turn2 = job([*openings[i], {"role": "assistant", "content": "ok"}, {"role": "user", "content": "And?"}])
+        assert policy.pick(turn2, [a, b], now=1.0).worker is holder
 
 
 def test_the_session_hint_breaks_ties() -> None:
