@@ -199,7 +199,7 @@ async def test_queued_job_of_a_departed_caller_never_runs(
     router = fake_cluster.router(AUXOT_MAX_PARALLEL="1")
     worker = fake_cluster.worker(router, FAKE_LLAMA_TOKENS_PER_SEC="20")
     caller = Caller(router, session)
-    busy = await caller.open(chat_body(stream=True, max_tokens=30)).start()  # holds the one slot for 1.5 s
+    busy = await caller.open(chat_body(stream=True, max_tokens=100)).start()  # holds the one slot for 5 s
     await busy.read_until(lambda r: bool(r.text))
 
     for stream in (True, False):
@@ -210,8 +210,9 @@ async def test_queued_job_of_a_departed_caller_never_runs(
             await leaver
         await await_for(lambda: router.health()["queue_depth"] == 0, 5, "the job to leave the queue")
 
+    assert worker.fake_stats()["active"] == 1  # both left while the busy one still ran
     done = await busy.finish()
-    assert done.text == TOKEN * 30
+    assert done.text == TOKEN * 100
     reply = await caller.call(chat_body(stream=False, max_tokens=3))
     assert reply.status == 200 and reply.text == TOKEN * 3
     stats = worker.fake_stats()

@@ -78,6 +78,7 @@ async def test_per_model_queues_survive_the_dispatching_router_dying(
         "AUXOT_REDIS_URL": redis.url,
         "AUXOT_DEAD_WORKER_TIMEOUT": "1s",
         "AUXOT_SWEEP_INTERVAL": "0.2s",
+        "AUXOT_HEALTH_REFRESH": "0.25s",
     }
     front = fake_cluster.router("front", **settings)
     back = fake_cluster.router("back", **settings)
@@ -89,7 +90,7 @@ async def test_per_model_queues_survive_the_dispatching_router_dying(
     }
     caller = Caller(front, session)
     calls = {
-        name: [asyncio.create_task(caller.call(body(name, "FAKE:slow_first_token:3"), timeout=60)) for _ in range(2)]
+        name: [asyncio.create_task(caller.call(body(name, "FAKE:slow_first_token:5"), timeout=60)) for _ in range(2)]
         for name in MODELS
     }
     for name in MODELS:
