@@ -426,6 +426,9 @@ class ModelPool:
     def total_free(self) -> int:
         return sum(max(w.free, 0) for w in self.workers.values())
 
+    def has_free(self) -> bool:
+        return any(w.free > 0 for w in self.workers.values())
+
     def pick(self, job: proto.Job) -> Choice:
         """A worker for ``job``, or a hold for its busy warm worker, or nothing free."""
         open_workers = [w for w in self.workers.values() if not w.ws.closed]
@@ -965,7 +968,7 @@ class Router:
             try:
                 # a targeted job is read only into a free slot: it waits in its stream otherwise,
                 # and goes back to the shared one after the hold bound (_sticky_upkeep)
-                targeted = self.affinity is not None and pool.total_free() > 0
+                targeted = self.affinity is not None and pool.has_free()
                 entries = await self.queue.read_jobs(room, timeout=timeout, model=model, targeted=targeted)
             except RedisError as exc:
                 log.error("reading jobs failed", extra={"error": str(exc), "model": model})
@@ -1096,7 +1099,7 @@ class Router:
             return 0.0
         held: list[tuple[str, proto.Job]] = []
         wake = 0.0
-        while pool.backlog and pool.total_free() > 0:
+        while pool.backlog and pool.has_free():
             entry_id, job = pool.backlog.popleft()
             pool.capacity_changed.set()  # room to read more ahead
             local_gone = job.reply_to == self.instance_id and job.job_id not in self.tracker.handles

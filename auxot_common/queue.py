@@ -111,6 +111,7 @@ class StreamQueue:
         # release before several models, so an upgrade finds the jobs already queued
         self.single_stream = False
         self._adds: TurnBatch[tuple[str, str, bytes], Any] = TurnBatch(self._xadd_all)
+        self._acks: TurnBatch[dict[str, list[str]], None] = TurnBatch(self._ack_all)
         # read this instance's targeted streams too (set by the router: shared Redis + cache routing)
         self.sticky = False
         self._no_forward: dict[str, None] = {}  # job ids read from a targeted stream or bounced
@@ -340,29 +341,35 @@ class StreamQueue:
         return len(moved)
 
     async def ack(self, entry_ids: list[str], model: str = "") -> None:
-        """Finish entries of ``model``'s stream: XACK then XDEL, in one round trip. Ids of the
-        form ``{key}|{id}`` are entries of a targeted stream, finished there."""
-        plain = [e for e in entry_ids if "|" not in e]
+        """Finish entries of ``model``'s stream: XACK then XDEL. Ids of the form ``{key}|{id}``
+        are entries of a targeted stream, finished there. What every caller acknowledges in one
+        loop turn (jobs finishing on many workers at once) goes in one round trip."""
         by_key: dict[str, list[str]] = {}
         for entry in entry_ids:
             if "|" in entry:
                 key, _, entry_id = entry.rpartition("|")
                 by_key.setdefault(key, []).append(entry_id)
-        if plain or not by_key:
-            await self._ack_key(self.stream_key(model), plain)
-        for key, ids in by_key.items():
-            await self._ack_key(key, ids)
+            else:
+                by_key.setdefault(self.stream_key(model), []).append(entry)
+        if by_key:
+            await self._acks.submit(by_key)
 
-    async def _ack_key(self, key: str, entry_ids: list[str]) -> None:
-        if not entry_ids:
-            return
+    async def _ack_all(self, items: list[dict[str, list[str]]]) -> list[BaseException | None]:
+        merged: dict[str, list[str]] = {}
+        for by_key in items:
+            for key, ids in by_key.items():
+                merged.setdefault(key, []).extend(ids)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(key, GROUP, *entry_ids)
-            pipe.xdel(key, *entry_ids)
+            for key, ids in merged.items():
+                pipe.xack(key, GROUP, *ids)
+                pipe.xdel(key, *ids)
             results = await pipe.execute(raise_on_error=False)
-        for result in results:  # NOGROUP: Redis lost the group and the entries with it; nothing to finish
+        failed: dict[str, BaseException] = {}
+        for key, result in zip([k for k in merged for _ in (0, 1)], results, strict=True):
+            # NOGROUP: Redis lost the group and the entries with it; nothing to finish
             if isinstance(result, Exception) and "NOGROUP" not in str(result):
-                raise result
+                failed.setdefault(key, result)
+        return [next((failed[k] for k in by_key if k in failed), None) for by_key in items]
 
     # --- cancellation ---------------------------------------------------------------------------
 
@@ -518,7 +525,9 @@ class StreamQueue:
             entries: Any = await self.redis.xclaim(key, GROUP, self.instance_id, min_idle_ms, ids)
             readable = [_job_entry(entry_id, fields) for entry_id, fields in entries if fields]
             # an unreadable entry can never run; finish it here, where its stream is known
-            await self._ack_key(key, [entry_id for entry_id, job in readable if job is None])
+            unreadable = [entry_id for entry_id, job in readable if job is None]
+            if unreadable:
+                await self._acks.submit({key: unreadable})
             claimed.extend(entry for entry in readable if entry[1] is not None)
             if len(pending) < 100:
                 break

@@ -247,13 +247,26 @@ class PrefixIndex:
     def match(self, hashes: Sequence[bytes], now: float) -> tuple[int, float]:
         """Blocks of the prompt this worker holds (the deepest known block: hashes are chained),
         and the stamp of that block (when it was last sent there)."""
+        # Held blocks of one chain form a prefix: block i's hash names blocks 0..i, so every
+        # prompt that touched block i touched the shallower ones at the same time (and later in
+        # the LRU, with stamps no older). A binary search is exact, and a miss costs one lookup
+        # instead of one per block of a long prompt, for each worker of the pool.
         horizon = now - self.ttl_s
         stamps = self._stamps
-        for i in range(len(hashes) - 1, -1, -1):
-            stamp = stamps.get(hashes[i])
+        if not hashes:
+            return 0, 0.0
+        first = stamps.get(hashes[0])
+        if first is None or first < horizon:
+            return 0, 0.0
+        low, high, found = 0, len(hashes) - 1, first  # hashes[low] is held and fresh
+        while low < high:
+            mid = (low + high + 1) // 2
+            stamp = stamps.get(hashes[mid])
             if stamp is not None and stamp >= horizon:
-                return i + 1, stamp
-        return 0, 0.0
+                low, found = mid, stamp
+            else:
+                high = mid - 1
+        return low + 1, found
 
     def insert(self, hashes: Sequence[bytes], now: float) -> None:
         stamps = self._stamps
@@ -295,8 +308,10 @@ class WorkerCacheStats:
     index: PrefixIndex
     ms_per_token: float = 0.0  # measured prefill time per uncached token; 0 = not yet
     rate_jobs: int = 0  # jobs that measured it
-    # jobs running there: (dispatched at, expected prompt processing seconds), until complete
+    # jobs running there: (dispatched at, expected prompt processing seconds), until complete;
+    # changed only through start_job / end_job / reset_jobs, which keep _queue_end in step
     inflight: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _queue_end: float = -1.0  # when the prompt processing sent there ends; < 0: to compute
     jobs: int = 0
     hits: int = 0  # jobs that reused at least half of their prompt
     prompt_tokens: int = 0
@@ -304,11 +319,27 @@ class WorkerCacheStats:
     misses_corrected: int = 0
 
     def queue_s(self, now: float) -> float:
-        """Prompt processing sent there and, by estimate, not done yet (one GPU: in order)."""
-        end = 0.0
-        for dispatched, prefill_s in sorted(self.inflight.values()):
-            end = max(end, dispatched) + prefill_s
+        """Prompt processing sent there and, by estimate, not done yet (one GPU: in order).
+        Computed once per change of the worker's jobs: every pick asks it of every worker."""
+        end = self._queue_end
+        if end < 0:
+            end = 0.0
+            for dispatched, prefill_s in sorted(self.inflight.values()):
+                end = max(end, dispatched) + prefill_s
+            self._queue_end = end
         return max(end - now, 0.0)
+
+    def start_job(self, job_id: str, now: float, prefill_s: float) -> None:
+        self.inflight[job_id] = (now, prefill_s)
+        self._queue_end = -1.0
+
+    def end_job(self, job_id: str) -> None:
+        if self.inflight.pop(job_id, None) is not None:
+            self._queue_end = -1.0
+
+    def reset_jobs(self) -> None:
+        self.inflight.clear()
+        self._queue_end = -1.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -363,6 +394,7 @@ class CacheAwarePolicy:
         self._holding: dict[str, _Holding] = {}
         self._placed: dict[str, _Placement] = {}  # dispatched, not yet complete
         self._bytes_per_token = self.config.bytes_per_token
+        self._pool_rate: float | None = None  # cache of _pool_ms_per_token()
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -377,12 +409,11 @@ class CacheAwarePolicy:
 
     def stats_for(self, worker: WorkerView) -> WorkerCacheStats:
         stats = self.workers.get(worker.worker_id)
-        capacity = self._capacity_blocks(worker)
         if stats is None:
-            stats = WorkerCacheStats(PrefixIndex(capacity, self.config.index_ttl_s))
+            stats = WorkerCacheStats(PrefixIndex(self._capacity_blocks(worker), self.config.index_ttl_s))
             self.workers[worker.worker_id] = stats
         else:
-            stats.index.capacity = capacity
+            stats.index.capacity = self._capacity_blocks(worker)
         return stats
 
     def _capacity_blocks(self, worker: WorkerView) -> int:
@@ -393,12 +424,16 @@ class CacheAwarePolicy:
         return max(int((slot_tokens + ram_tokens) * self._bytes_per_token / self.config.block_bytes), 16)
 
     def _pool_ms_per_token(self) -> float:
-        measured = [s.ms_per_token for s in self.workers.values() if s.ms_per_token > 0]
-        return sum(measured) / len(measured) if measured else self.config.default_ms_per_token
+        """The mean measured prefill rate of the pool's workers (kept until a rate changes: a
+        pick would otherwise cost the square of the pool's size)."""
+        if self._pool_rate is None:
+            measured = [s.ms_per_token for s in self.workers.values() if s.ms_per_token > 0]
+            self._pool_rate = sum(measured) / len(measured) if measured else self.config.default_ms_per_token
+        return self._pool_rate
 
-    def _ms_per_token(self, stats: WorkerCacheStats) -> float:
+    def _ms_per_token(self, stats: WorkerCacheStats, pool: float | None = None) -> float:
         """The worker's prefill rate, shrunk toward the pool's mean while it has few measurements."""
-        pool = self._pool_ms_per_token()
+        pool = self._pool_ms_per_token() if pool is None else pool
         if stats.ms_per_token <= 0:
             return pool
         n, prior = stats.rate_jobs, self.config.rate_prior_jobs
@@ -428,24 +463,31 @@ class CacheAwarePolicy:
         best_cached = 0
         warm_busy_cost = 0.0
         warm_busy: WorkerView | None = None
-        for worker in workers:
-            stats = self.stats_for(worker)
-            blocks, _ = stats.index.match(key.hashes, now)
+        pool_rate = self._pool_ms_per_token()
+        known = self.workers
+        hashes = key.hashes
+        for worker in workers:  # the hot loop of dispatch: once per worker of the pool, per job
+            stats = known.get(worker.worker_id) or self.stats_for(worker)  # capacity: at dispatch
+            free = worker.free
+            blocks = stats.index.match(hashes, now)[0] if len(stats.index) else 0
+            if free <= 0 and not blocks:
+                continue  # neither free nor warm: nothing to weigh
             cached = min(int(blocks * block_tokens), total_tokens)
-            rate_s = self._ms_per_token(stats) / 1000.0
+            rate_s = self._ms_per_token(stats, pool_rate) / 1000.0
             # its queue: prompt processing already sent there and not yet done (one GPU)
-            queue_s = stats.queue_s(now)
+            queue_s = stats.queue_s(now) if stats.inflight else 0.0
             prefill_s = queue_s + (total_tokens - cached) * rate_s
-            if worker.free <= 0:
-                if blocks and (warm_busy is None or prefill_s < warm_busy_cost):
+            if free <= 0:
+                if warm_busy is None or prefill_s < warm_busy_cost:
                     warm_busy_cost, warm_busy = prefill_s, worker
                 continue
-            busy = len(worker.running) / max(worker.slots, 1)
-            cost = prefill_s + config.load_cost_s * busy
+            cost = prefill_s + config.load_cost_s * (worker.slots - free) / max(worker.slots, 1)
+            if best is not None and cost > best[0]:
+                continue
             # ties: the session's worker, the most free slots, the emptiest cache (a new prompt
             # evicts the least there), then a stable order
             fill = len(stats.index) / stats.index.capacity
-            rank = (cost, 0 if worker.worker_id == hinted else 1, -worker.free, fill, worker.worker_id)
+            rank = (cost, 0 if worker.worker_id == hinted else 1, -free, fill, worker.worker_id)
             if best is None or rank < best:
                 best, best_worker, best_cached = rank, worker, cached
         if best is None or best_worker is None:
@@ -486,7 +528,7 @@ class CacheAwarePolicy:
         blocks, stamp = stats.index.match(key.hashes, now)
         self._placed[job.job_id] = _Placement(worker.worker_id, blocks, stamp, key, key.total_bytes)
         uncached = max(self.tokens(key.total_bytes) - self.tokens(blocks * self.config.block_bytes), 0)
-        stats.inflight[job.job_id] = (now, uncached * self._ms_per_token(stats) / 1000)
+        stats.start_job(job.job_id, now, uncached * self._ms_per_token(stats) / 1000)
         stats.index.insert(key.hashes, now)
         session = getattr(job, "session", "")
         if session:
@@ -499,7 +541,7 @@ class CacheAwarePolicy:
         placed = self._placed.pop(job_id, None)
         stats = self.workers.get(placed.worker_id) if placed is not None else None
         if stats is not None:
-            stats.inflight.pop(job_id, None)
+            stats.end_job(job_id)
 
     def forget_job(self, job_id: str) -> None:
         """A job left the backlog without being dispatched (cancelled, expired)."""
@@ -520,7 +562,7 @@ class CacheAwarePolicy:
         placed = self._placed.pop(job_id, None)
         stats = self.workers.get(worker_id)
         if stats is not None:
-            stats.inflight.pop(job_id, None)
+            stats.end_job(job_id)
         if placed is None or stats is None or placed.worker_id != worker_id or not ok:
             return
         stats.jobs += 1
@@ -536,6 +578,7 @@ class CacheAwarePolicy:
             rate = prompt_ms / uncached
             stats.ms_per_token = rate if stats.ms_per_token == 0 else 0.7 * stats.ms_per_token + 0.3 * rate
             stats.rate_jobs += 1
+            self._pool_rate = None
         predicted_tokens = self.tokens(placed.predicted_blocks * self.config.block_bytes)
         if placed.predicted_blocks and cache_tokens < predicted_tokens * self.config.miss_share:
             # The worker no longer had what we sent it at ``prior_stamp``: neither has it anything
@@ -548,12 +591,13 @@ class CacheAwarePolicy:
         stats = self.workers.get(worker_id)
         if stats is not None:
             stats.index.clear()
-            stats.inflight.clear()
+            stats.reset_jobs()
         for job_id in [j for j, p in self._placed.items() if p.worker_id == worker_id]:
             del self._placed[job_id]
 
     def on_worker_gone(self, worker_id: str) -> None:
         self.workers.pop(worker_id, None)
+        self._pool_rate = None
         for job_id in [j for j, p in self._placed.items() if p.worker_id == worker_id]:
             del self._placed[job_id]
         for session in [s for s, w in self.sessions.items() if w == worker_id]:

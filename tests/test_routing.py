@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from auxot_common import anthropic_api as anthropic
 from auxot_common import protocol as proto
@@ -163,6 +165,43 @@ def test_index_entries_expire() -> None:
     index.insert(hashes, now=0.0)
     assert index.match(hashes, now=9.0)[0] == 2
     assert index.match(hashes, now=11.0)[0] == 0
+
+
+def _deepest_held(index: PrefixIndex, hashes: list[bytes], now: float) -> int:
+    """The answer by definition: the deepest block of the chain the index holds, fresh."""
+    horizon = now - index.ttl_s
+    stamps = index._stamps
+    held = [i + 1 for i, h in enumerate(hashes) if h in stamps and stamps[h] >= horizon]
+    return max(held, default=0)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["insert", "insert", "insert", "miss", "wait"]),
+            st.lists(st.integers(0, 3), min_size=1, max_size=12),  # a prompt: block contents
+        ),
+        max_size=40,
+    ),
+    st.integers(4, 40),
+)
+def test_index_match_finds_the_deepest_held_block_of_a_long_chain(ops: list[tuple[str, list[int]]], cap: int) -> None:
+    """Conversations that share beginnings (a system prompt, earlier turns) and diverge: after
+    any inserts, capacity evictions, expiries and miss corrections, ``match`` (a binary search)
+    gives what a scan of every block would."""
+    index = PrefixIndex(capacity=cap, ttl_s=5.0)
+    now = 0.0
+    for op, blocks in ops:
+        hashes = [bytes(blocks[: i + 1]) for i in range(len(blocks))]  # chained, like prefix_key's
+        if op == "insert":
+            now += 1.0
+            index.insert(hashes, now)
+        elif op == "miss":
+            _, stamp = index.match(hashes, now)
+            index.evict_not_newer_than(stamp)
+        else:
+            now += 3.0
+        assert index.match(hashes, now)[0] == _deepest_held(index, hashes, now)
 
 
 # --- choosing ---------------------------------------------------------------------------------
