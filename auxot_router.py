@@ -94,6 +94,7 @@ from auxot_common.openai_api import (
     parse_chat_request,
     parse_completion_request,
 )
+from auxot_common.processes import parse_processes, run_processes
 from auxot_common.queue import RelayPublisher, StreamQueue
 from auxot_common.registry import ModelResolution, Registry, RegistryError, load_registry, resolve_model
 from auxot_common.responses_store import ResponseStore
@@ -176,6 +177,7 @@ class RouterConfig:
     balance_interval: float = 5.0  # how often moves are considered and the models file is checked
     responses_ttl: float = 7 * 86400.0
     responses_max_bytes: int = 16 * 1024 * 1024
+    processes: int = 1  # AUXOT_PROCESSES: router processes on this port (SO_REUSEPORT), one Redis
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> RouterConfig:
@@ -196,6 +198,19 @@ class RouterConfig:
         except ValueError as exc:
             raise ConfigError(f"AUXOT_TRUSTED_PROXIES: {exc}") from None
         max_body = read.integer("AUXOT_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024)
+        try:
+            processes = parse_processes(read.text("AUXOT_PROCESSES", "1"))
+        except ValueError as exc:
+            raise ConfigError(f"AUXOT_PROCESSES: {exc}") from None
+        redis_url = read.text("AUXOT_REDIS_URL", "")
+        port = read.integer("AUXOT_PORT", 8080, minimum=0, maximum=65535)
+        if processes > 1 and not redis_url:
+            raise ConfigError(
+                "AUXOT_PROCESSES above 1 needs AUXOT_REDIS_URL: the processes share the job queue in one "
+                "Redis (the embedded store lives inside one process)"
+            )
+        if processes > 1 and port == 0:
+            raise ConfigError("AUXOT_PROCESSES above 1 needs a fixed AUXOT_PORT (the processes share it)")
         return cls(
             api_key_hashes=api_hashes,
             admin_key_hashes=admin_hashes,
@@ -204,13 +219,13 @@ class RouterConfig:
             ctx_size=read.integer("AUXOT_CTX_SIZE", 131072, minimum=256),
             max_parallel=read.integer("AUXOT_MAX_PARALLEL", 2, minimum=1, maximum=512),
             host=read.text("AUXOT_HOST", "0.0.0.0"),
-            port=read.integer("AUXOT_PORT", 8080, minimum=0, maximum=65535),
+            port=port,
             log_level=read.choice("AUXOT_LOG_LEVEL", "info", ("debug", "info", "warn", "warning", "error")),
             job_timeout=read.duration("AUXOT_JOB_TIMEOUT", 300.0, minimum=1.0),
             heartbeat_interval=heartbeat,
             dead_worker_timeout=read.duration("AUXOT_DEAD_WORKER_TIMEOUT", max(45.0, 3 * heartbeat), minimum=0.1),
             auth_cache_ttl=read.duration("AUXOT_AUTH_CACHE_TTL", 300.0),
-            redis_url=read.text("AUXOT_REDIS_URL", ""),
+            redis_url=redis_url,
             redis_prefix=read.text("AUXOT_REDIS_PREFIX", "auxot:"),
             redis_max_connections=read.integer("AUXOT_REDIS_MAX_CONNECTIONS", 256, minimum=8, maximum=100_000),
             registry_file=read.text("AUXOT_REGISTRY_FILE", ""),
@@ -255,6 +270,7 @@ class RouterConfig:
             balance_interval=read.duration("AUXOT_BALANCE_INTERVAL", 5.0, minimum=0.05),
             responses_ttl=read.duration("AUXOT_RESPONSES_TTL", 7 * 86400.0, minimum=1.0),
             responses_max_bytes=read.integer("AUXOT_RESPONSES_MAX_BYTES", 16 * 1024 * 1024, minimum=1024),
+            processes=processes,
         )
 
     def resolve(self, *, vram_total_gb: float = 0.0, vram_free_gb: float = 0.0) -> ModelResolution:
@@ -3423,7 +3439,8 @@ async def serve(config: RouterConfig) -> None:
     app = create_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.shutdown_grace + 5)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    # several processes (AUXOT_PROCESSES) share the port: the kernel spreads connections over them
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=config.processes > 1 or None)
     await site.start()
     log.info(
         "auxot-router started",
@@ -3485,6 +3502,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"auxot-router: configuration error: {exc}", file=sys.stderr)
         return 1
     setup_logging(config.log_level)
+    if config.processes > 1:
+        return run_processes(config.processes, lambda _slot: serve_process(config))
+    return serve_process(config)
+
+
+def serve_process(config: RouterConfig) -> int:
     try:
         eventloop.run(serve(config))
     except OSError as exc:
