@@ -74,6 +74,9 @@ class Load:
     max_tokens: int
     tally: Tally = field(default_factory=Tally)
     done: bytes = b"[DONE]"  # how a good stream ends (Anthropic: the message_stop event)
+    # Responses API: tokens are counted in the data of these events only (later events repeat the
+    # whole text), and the stream ends well with the ``done`` event (its data is the whole response)
+    delta_event: bytes = b""
     sent: int = 0  # requests built; numbers the prompts where the body holds UNIQUE
     opens: float = -math.inf
     closes: float = math.inf
@@ -99,6 +102,8 @@ class Load:
             if resp.status != 200:
                 self.tally.fail(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
                 return 0, False
+            if self.delta_event:
+                return await self._read_events(resp, started, measured)
             async for chunk in resp.content.iter_any():
                 buf = tail + chunk
                 found = buf.count(TOKEN) - tail.count(TOKEN)  # matches inside the tail were counted
@@ -116,6 +121,31 @@ class Load:
         elif self.done not in tail:
             self.tally.fail(f"stream ended without {self.done.decode()}")
         return tokens, not saw_error and self.done in tail
+
+
+    async def _read_events(self, resp: aiohttp.ClientResponse, started: float, measured: bool) -> tuple[int, bool]:
+        tokens, event, ended, failed = 0, b"", False, False
+        async for raw in resp.content:  # one line at a time
+            line = raw.rstrip(b"\r\n")
+            if line.startswith(b"event: "):
+                event = line[7:]
+                # reaching max_output_tokens ends the stream with response.incomplete: a good end too
+                ended = ended or event in (self.done, b"response.incomplete")
+                failed = failed or event in (b"error", b"response.failed")
+            elif event == self.delta_event and line.startswith(b"data: "):
+                found = line.count(TOKEN)
+                if found:
+                    now = time.perf_counter()
+                    if tokens == 0 and measured:
+                        self.tally.ttfts.append(now - started)
+                    tokens += found
+                    if self.opens <= now < self.closes:
+                        self.tally.tokens += found
+        if failed:
+            self.tally.fail("error event in stream")
+        elif not ended:
+            self.tally.fail(f"stream ended without {self.done.decode()}")
+        return tokens, ended and not failed
 
 
 def chat_url(url: str) -> str:
@@ -159,7 +189,9 @@ async def _warm_up(session: aiohttp.ClientSession, load: Load, concurrency: int)
 
     Returns how many failed (they are not errors of the run itself).
     """
-    short = Load(load.url, orjson.dumps({**orjson.loads(load.body), "max_tokens": 1}), load.headers, 1, done=load.done)
+    body = orjson.loads(load.body)
+    body["max_output_tokens" if "max_output_tokens" in body else "max_tokens"] = 1
+    short = Load(load.url, orjson.dumps(body), load.headers, 1, done=load.done, delta_event=load.delta_event)
     await asyncio.gather(*(short.one(session) for _ in range(concurrency)))
     return short.tally.errors
 
@@ -235,6 +267,12 @@ async def run_load(
             headers["x-api-key"] = api_key
         headers["anthropic-version"] = "2023-06-01"
         load = Load(url.rstrip("/") + "/v1/messages", body, headers, max_tokens, done=b"message_stop")
+    elif api == "responses":  # /v1/responses (Codex): input instead of messages
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        body = orjson.dumps({"model": model, "stream": True, "max_output_tokens": max_tokens, "input": prompt})
+        load = Load(url.rstrip("/") + "/v1/responses", body, headers, max_tokens, done=b"response.completed",
+                    delta_event=b"response.output_text.delta")  # fmt: skip
     else:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"

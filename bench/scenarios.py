@@ -4,6 +4,7 @@
              tokens/s per stream in one decode step for all, prefill proportional to the prompt):
              direct vs router + worker, streams ending and restarting in step, and staggered
   anthropic  the same GPU-like load, staggered, on /v1/messages
+  responses  the same again on /v1/responses (Codex's API)
   streams    N concurrent streams at 10 tokens/s: direct fake vs router (4 simulated workers);
              the router's memory per open stream (RSS growth ÷ N)
   dispatch   100 simulated workers (bench/sim_worker.py), one-token jobs: jobs/s through the
@@ -191,11 +192,12 @@ async def gpu_scenario(session: aiohttp.ClientSession, procs: Procs, plan: Scena
     paths = {"direct": (direct, None, {"fake": fake.popen.pid}),
              "router": (url, procs.keys.api, {"router": router.popen.pid, "worker": worker.popen.pid})}  # fmt: skip
     phases = [("gpu in step", 0.0, "openai"), ("gpu staggered", length, "openai"),
-              ("gpu staggered anthropic", length, "anthropic")]  # fmt: skip
+              ("gpu staggered anthropic", length, "anthropic"),
+              ("gpu staggered responses", length, "responses")]  # fmt: skip
     for name, ramp, api in phases:
         for path, (target, key, pids) in paths.items():
-            if api == "anthropic" and path == "direct":
-                continue  # llama-server has no /v1/messages: compared with the OpenAI direct row
+            if api != "openai" and path == "direct":
+                continue  # llama-server's own /v1/messages and /v1/responses are not ours: vs the OpenAI row
             summary, cpu = await measure(target, key, GPU_SLOTS, window=plan.gpu_window, ramp=ramp,
                                          max_tokens=plan.gpu_tokens, pids=pids, prompt=prompt, api=api)  # fmt: skip
             rows.append(row(name, path, GPU_SLOTS, summary, cpu_ms_per_1k_tokens=cpu))
@@ -331,7 +333,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if "error" in r:
             continue
-        family = r["scenario"].split(" (")[0].removesuffix(" anthropic")
+        family = r["scenario"].split(" (")[0].removesuffix(" anthropic").removesuffix(" responses")
         if family.startswith("scale"):
             family = "scale"
         if family.startswith("dispatch"):

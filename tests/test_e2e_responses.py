@@ -277,3 +277,22 @@ def rollout_items(codex_home: Path) -> list[dict[str, Any]]:
             if entry.get("type") == "response_item" and isinstance(entry.get("payload"), dict):
                 items.append(entry["payload"])
     return items
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic", "responses"])
+async def test_the_benchmark_load_generator_counts_every_token_of_each_api(fake_cluster: Cluster, api: str) -> None:
+    """bench/loadgen.py's figures for the three APIs through router + worker: every token once
+    (the Responses stream repeats the whole text in its closing events), every stream ended well."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import loadgen
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    router = fake_cluster.router()
+    fake_cluster.worker(router)
+    summary = await loadgen.run_load(router.url, router.keys.api_key, 2, requests_per_stream=3, max_tokens=7, api=api)
+    assert summary["errors"] == 0, summary["error_samples"]
+    assert summary["tokens"] == 2 * 3 * 7 and summary["short"] == 0
+    assert summary["ttft_ms"]["p50"] is not None
