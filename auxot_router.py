@@ -1353,10 +1353,15 @@ class Router:
     async def on_relayed(self, raw: bytes) -> None:
         """A message another instance relayed to this one."""
         try:
-            message = proto.decode(raw)
+            decoded = proto.decode(raw)
         except proto.ProtocolError:
             log.error("unreadable relay message")
             return
+        # the messages of one loop turn for this instance travel as one batch (RelayPublisher)
+        for message in decoded.messages if type(decoded) is proto.Batch else (decoded,):
+            await self._on_relayed_message(message)
+
+    async def _on_relayed_message(self, message: proto.Message) -> None:
         if isinstance(message, proto.Cancel):
             found = self.pool.find_job(message.job_id)
             if found is not None:

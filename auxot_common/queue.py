@@ -48,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -56,7 +56,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from auxot_common.models import model_key
-from auxot_common.protocol import Job, ProtocolError, decode, encode
+from auxot_common.protocol import Job, ProtocolError, decode, encode, encode_batch
 from auxot_common.turnbatch import TurnBatch
 
 log = logging.getLogger("auxot.queue")
@@ -64,6 +64,7 @@ log = logging.getLogger("auxot.queue")
 GROUP = "workers"
 INBOX_MAXLEN = 100_000
 INBOX_TTL_S = 600
+RELAY_ENTRY_BYTES = 256 * 1024  # one inbox entry carries the messages of one loop turn up to this
 CANCELLED_TTL_S = 3600
 
 _DELETE_IF_EMPTY = "if redis.call('XLEN', KEYS[1]) == 0 then return redis.call('DEL', KEYS[1]) end return 0"
@@ -106,6 +107,7 @@ class StreamQueue:
         self._jobs_added: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._inbox_added = asyncio.Event()
         self._inbox_last_id = "0-0"
+        self._inbox_read: list[Any] = []  # entry ids read from the inbox, deleted with the next read
         self._waiting: defaultdict[str, int] = defaultdict(int)  # embedded: the only reader and writer
         # one model configured with AUXOT_MODEL: its jobs stay on ``{p}jobs``, the key of every
         # release before several models, so an upgrade finds the jobs already queued
@@ -385,35 +387,49 @@ class StreamQueue:
     # --- relay between instances ----------------------------------------------------------------
 
     async def publish(self, batches: dict[str, list[bytes]]) -> None:
-        """Append encoded messages to other instances' inboxes: one pipeline for all of them."""
+        """Append encoded messages to other instances' inboxes: one pipeline for all of them, and
+        the messages for one instance in as few entries as possible (``batch`` messages of up to
+        RELAY_ENTRY_BYTES): a stream entry costs Redis, and the reader, far more than its bytes."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for instance_id, payloads in batches.items():
                 key = self.inbox_key(instance_id)
-                for payload in payloads:
-                    pipe.xadd(key, {"m": payload}, maxlen=INBOX_MAXLEN, approximate=True)
+                for entry in _relay_entries(payloads):
+                    pipe.xadd(key, {"m": entry}, maxlen=INBOX_MAXLEN, approximate=True)
                 pipe.expire(key, INBOX_TTL_S)
             await pipe.execute()
         if self.instance_id in batches:
             self._inbox_added.set()
 
     async def read_inbox(self, timeout: float) -> list[bytes]:
-        """Messages other instances relayed to this one, oldest first; read entries are deleted."""
+        """Messages other instances relayed to this one, oldest first. The entries read are
+        deleted in the round trip of the next read: the caller handles them without waiting
+        for a deletion first."""
         key = self.inbox_key(self.instance_id)
         self._inbox_added.clear()
         block = int(timeout * 1000) if self._server_blocking else None
-        reply: Any = await self.redis.xread({key: self._inbox_last_id}, count=1000, block=block)
+        reply = await self._delete_read_and_read(key, block)
         if not reply and not self._server_blocking:
             try:
                 await asyncio.wait_for(self._inbox_added.wait(), timeout)
             except TimeoutError:
                 return []
-            reply = await self.redis.xread({key: self._inbox_last_id}, count=1000)
+            reply = await self._delete_read_and_read(key, None)
         if not reply:
             return []
         entries = reply[0][1]
         self._inbox_last_id = _text(entries[-1][0])
-        await self.redis.xdel(key, *[entry_id for entry_id, _ in entries])
+        self._inbox_read = [entry_id for entry_id, _ in entries]
         return [fields[b"m"] for _, fields in entries if b"m" in fields]
+
+    async def _delete_read_and_read(self, key: str, block: int | None) -> Any:
+        if not self._inbox_read:
+            return await self.redis.xread({key: self._inbox_last_id}, count=1000, block=block)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xdel(key, *self._inbox_read)
+            pipe.xread({key: self._inbox_last_id}, count=1000, block=block)
+            _, reply = await pipe.execute()
+        self._inbox_read = []
+        return reply
 
     # --- liveness -------------------------------------------------------------------------------
 
@@ -547,6 +563,21 @@ def _job_entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> JobEntry:
     except (KeyError, ProtocolError):
         return _text(entry_id), None
     return _text(entry_id), message if isinstance(message, Job) else None
+
+
+def _relay_entries(payloads: list[bytes]) -> Iterator[bytes]:
+    """Encoded messages grouped into ``batch`` messages of at most RELAY_ENTRY_BYTES (a larger
+    message goes alone), order kept."""
+    group: list[bytes] = []
+    size = 0
+    for payload in payloads:
+        if group and size + len(payload) > RELAY_ENTRY_BYTES:
+            yield encode_batch(group)
+            group, size = [], 0
+        group.append(payload)
+        size += len(payload) + 1
+    if group:
+        yield encode_batch(group)
 
 
 class RelayPublisher:

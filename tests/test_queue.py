@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from auxot_common import protocol as proto
-from auxot_common.queue import GROUP, RelayPublisher, StreamQueue
+from auxot_common.queue import GROUP, RELAY_ENTRY_BYTES, RelayPublisher, StreamQueue
 
 _counter = itertools.count()
 
@@ -193,33 +193,60 @@ async def test_cancelled_markers_are_shared_between_instances(make_queue: Callab
 # --- relay ------------------------------------------------------------------------------------------
 
 
+def relayed(entries: list[bytes]) -> list[proto.Message]:
+    """The messages in inbox entries, in order (the messages of one publish share a batch)."""
+    out: list[proto.Message] = []
+    for raw in entries:
+        message = proto.decode(raw)
+        out.extend(message.messages if isinstance(message, proto.Batch) else [message])
+    return out
+
+
+def tokens(*texts: str) -> list[bytes]:
+    return [proto.encode(proto.Token(job_id="j", token=text)) for text in texts]
+
+
 async def test_publish_then_read_inbox_in_order_and_deleted(make_queue: Callable[[str], StreamQueue]) -> None:
     a, b = make_queue("a"), make_queue("b")
-    payloads = [proto.encode(proto.Token(job_id="j", token=str(i))) for i in range(5)]
+    payloads = tokens(*"01234")
     await a.publish({"b": payloads[:3]})
     await a.publish({"b": payloads[3:]})
-    assert await b.read_inbox(timeout=1.0) == payloads
-    assert await b.redis.xlen(b.inbox_key("b")) == 0  # read entries are deleted
-    assert await b.read_inbox(timeout=0.05) == []  # and not read twice
+    entries = await b.read_inbox(timeout=1.0)
+    assert relayed(entries) == [proto.decode(p) for p in payloads]
+    assert len(entries) == 2  # one entry per publish: a loop turn's messages share one
+    assert await b.read_inbox(timeout=0.05) == []  # not read twice
+    assert await b.redis.xlen(b.inbox_key("b")) == 0  # read entries are deleted (with the next read)
     assert await a.read_inbox(timeout=0.05) == []  # a's own inbox is untouched
 
 
 async def test_publish_to_several_instances(make_queue: Callable[[str], StreamQueue]) -> None:
     a, b, c = make_queue("a"), make_queue("b"), make_queue("c")
-    await a.publish({"b": [b"to-b-1", b"to-b-2"], "c": [b"to-c"]})
-    assert await b.read_inbox(timeout=1.0) == [b"to-b-1", b"to-b-2"]
-    assert await c.read_inbox(timeout=1.0) == [b"to-c"]
+    await a.publish({"b": tokens("to-b-1", "to-b-2"), "c": tokens("to-c")})
+    assert relayed(await b.read_inbox(timeout=1.0)) == [proto.decode(p) for p in tokens("to-b-1", "to-b-2")]
+    assert relayed(await c.read_inbox(timeout=1.0)) == [proto.decode(p) for p in tokens("to-c")]
     ttl = await a.redis.ttl(a.inbox_key("b"))
     assert ttl == -2 or 0 < ttl <= 600  # (deleted once empty, or expiring)
 
 
 async def test_inbox_keeps_order_across_reads(make_queue: Callable[[str], StreamQueue]) -> None:
     a, b = make_queue("a"), make_queue("b")
-    await a.publish({"b": [b"1", b"2"]})
-    assert await b.read_inbox(timeout=1.0) == [b"1", b"2"]
-    await a.publish({"b": [b"3"]})
-    await a.publish({"b": [b"4"]})
-    assert await b.read_inbox(timeout=1.0) == [b"3", b"4"]
+    await a.publish({"b": tokens("1", "2")})
+    assert relayed(await b.read_inbox(timeout=1.0)) == [proto.decode(p) for p in tokens("1", "2")]
+    await a.publish({"b": tokens("3")})
+    await a.publish({"b": tokens("4")})
+    assert relayed(await b.read_inbox(timeout=1.0)) == [proto.decode(p) for p in tokens("3", "4")]
+
+
+async def test_a_large_relay_batch_is_split_into_bounded_entries_in_order(
+    make_queue: Callable[[str], StreamQueue],
+) -> None:
+    a, b = make_queue("a"), make_queue("b")
+    payloads = tokens(*(f"{i:04d}" + "x" * 10_000 for i in range(100)))  # ~1 MB in one loop turn
+    await a.publish({"b": payloads})
+    entries = await b.read_inbox(timeout=1.0)
+    assert relayed(entries) == [proto.decode(p) for p in payloads]
+    assert 1 < len(entries) < len(payloads)
+    assert max(len(e) for e in entries) <= RELAY_ENTRY_BYTES + 2 * len(payloads[0])
 
 
 async def test_read_inbox_wakes_on_publish(make_queue: Callable[[str], StreamQueue]) -> None:
@@ -227,14 +254,14 @@ async def test_read_inbox_wakes_on_publish(make_queue: Callable[[str], StreamQue
 
     async def later() -> None:
         await asyncio.sleep(0.05)
-        await a.publish({"a": [b"hello"]})
+        await a.publish({"a": tokens("hello")})
 
     publisher = asyncio.create_task(later())
     started = time.monotonic()
     got = await a.read_inbox(timeout=5.0)
     waited = time.monotonic() - started
     await publisher
-    assert got == [b"hello"]
+    assert relayed(got) == [proto.decode(p) for p in tokens("hello")]
     assert 0.04 <= waited < 1.0
 
 
@@ -259,23 +286,25 @@ async def test_relay_publisher_batches_and_preserves_order(
     monkeypatch.setattr(a, "publish", counting)
     relay = RelayPublisher(a)
     for i in range(50):
-        relay.send("b", f"b{i}".encode())
+        relay.send("b", tokens(f"b{i}")[0])
         if i % 5 == 0:
-            relay.send("c", f"c{i}".encode())
+            relay.send("c", tokens(f"c{i}")[0])
     await relay.close()
     assert len(calls) == 1  # everything sent in one loop turn goes out in one pipeline
-    assert await b.read_inbox(timeout=1.0) == [f"b{i}".encode() for i in range(50)]
-    assert await c.read_inbox(timeout=1.0) == [f"c{i}".encode() for i in range(0, 50, 5)]
+    assert relayed(await b.read_inbox(timeout=1.0)) == [proto.decode(p) for p in tokens(*(f"b{i}" for i in range(50)))]
+    assert relayed(await c.read_inbox(timeout=1.0)) == [
+        proto.decode(p) for p in tokens(*(f"c{i}" for i in range(0, 50, 5)))
+    ]
 
     # sends arriving while a flush is in flight go out in the next one, still in order
     for i in range(3):
-        relay.send("b", f"x{i}".encode())
+        relay.send("b", tokens(f"x{i}")[0])
     await asyncio.sleep(0)
     for i in range(3, 6):
-        relay.send("b", f"x{i}".encode())
+        relay.send("b", tokens(f"x{i}")[0])
     await relay.close()
     assert 2 <= len(calls) <= 3
-    assert await b.read_inbox(timeout=1.0) == [f"x{i}".encode() for i in range(6)]
+    assert relayed(await b.read_inbox(timeout=1.0)) == [proto.decode(p) for p in tokens(*(f"x{i}" for i in range(6)))]
 
 
 async def test_relay_publisher_survives_a_failed_flush(
@@ -292,11 +321,11 @@ async def test_relay_publisher_survives_a_failed_flush(
 
     monkeypatch.setattr(a, "publish", flaky)
     relay = RelayPublisher(a)
-    relay.send("b", b"lost")
+    relay.send("b", tokens("lost")[0])
     await relay.close()
-    relay.send("b", b"delivered")
+    relay.send("b", tokens("delivered")[0])
     await relay.close()
-    assert await b.read_inbox(timeout=1.0) == [b"delivered"]
+    assert relayed(await b.read_inbox(timeout=1.0)) == [proto.decode(p) for p in tokens("delivered")]
 
 
 # --- liveness ---------------------------------------------------------------------------------------
