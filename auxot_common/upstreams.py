@@ -826,22 +826,38 @@ async def _pass_through(call: _Call, upstream: aiohttp.ClientResponse) -> RelayR
     response = await _prepare_sse(request, extra)
     parser = SSEParser()
     model = spec.model
+    ended = False
     async for chunk in upstream.content.iter_any():
         out = bytearray()
         for raw, event, data in parser.feed(chunk):
             forward = True
-            if data and data.strip() != "[DONE]":
+            if data.strip() == "[DONE]":
+                ended = caller_api == "chat"
+            elif data:
                 try:
                     obj = orjson.loads(data)
                 except orjson.JSONDecodeError:
                     obj = None
                 if isinstance(obj, dict):
                     forward = _read_usage(caller_api, event, obj, usage, wants_usage)
+                    ended = obj.get("type", event) in _FINAL_EVENTS.get(caller_api, ())
             if forward:
                 out += raw
+            if ended:
+                break
         if out:
             await response.write(bytes(out))
+        # the caller has the whole answer and may hang up now (the OpenAI SDK closes at [DONE]):
+        # return before the upstream's end of stream, or the usage read so far would be lost
+        if ended:
+            break
     return RelayResult(response, usage, 200, model)
+
+
+_FINAL_EVENTS = {  # the event that ends a passed-through stream, per caller API ([DONE] for chat)
+    "messages": ("message_stop",),
+    "responses": ("response.completed", "response.incomplete", "response.failed"),
+}
 
 
 def _read_usage(caller_api: str, event: str, obj: JSONObject, usage: Usage, wants_usage: bool) -> bool:
@@ -894,11 +910,16 @@ async def _translated(call: _Call, upstream: aiohttp.ClientResponse) -> RelayRes
         await response.write(encoder.start())
     parser = SSEParser()
     failure: proto.Error | None = None
+    ended = False  # the upstream's final event: answer now, without waiting for its end of stream
     async for chunk in upstream.content.iter_any():
         out = bytearray()
         for _raw, event, data in parser.feed(chunk):
             if not data:
                 continue
+            if spec.api == "anthropic":
+                ended = event == "message_stop" or '"message_stop"' in data
+            else:
+                ended = data.strip() == "[DONE]"
             messages = reader.on_event(event, data) if isinstance(reader, AnthropicReader) else reader.on_event(data)
             for message in messages:
                 if isinstance(message, proto.Error):
@@ -907,7 +928,7 @@ async def _translated(call: _Call, upstream: aiohttp.ClientResponse) -> RelayRes
                     out += _encode(encoder, message)
         if out and response is not None:
             await response.write(bytes(out))
-        if failure is not None:
+        if failure is not None or ended:
             break
     if failure is not None:
         if response is None:

@@ -258,6 +258,7 @@ def fake(provider: tuple[FakeProvider, str]) -> FakeProvider:
     fake.fail.clear()
     fake.tool_call = None
     fake.delay_s = 0.0
+    fake.linger_s = 0.0
     fake.words = ["Hello", " from", " upstream", "."]
     return fake
 
@@ -363,6 +364,52 @@ def test_openai_sdk_responses_pass_through(provider: tuple[FakeProvider, str], f
         assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Hello from upstream."
         assert client.responses.create(model="auto", input="hi").output_text == "Hello from upstream."
     assert [(u.input_tokens, u.output_tokens) for u in harness.usages] == [(11, 4), (11, 4)]
+
+
+@pytest.mark.parametrize(
+    ("api", "upstream_api"),
+    [
+        ("chat", "openai"),
+        ("messages", "anthropic"),
+        ("responses", "openai"),
+        ("chat", "anthropic"),  # translated
+        ("messages", "openai"),  # translated
+    ],
+)
+def test_usage_counts_when_the_caller_hangs_up_at_the_final_event(
+    provider: tuple[FakeProvider, str], fake: FakeProvider, api: str, upstream_api: str
+) -> None:
+    """The OpenAI SDK closes its stream at ``[DONE]``; a provider may keep the connection open a
+    while after its final event. The relay (passed through or translated) must answer at the
+    final event, with the real usage, not wait for the upstream's end of stream (the caller
+    would wait too) and lose the count when the caller hangs up."""
+    harness, server = serve(provider[1], upstream_api)
+    fake.linger_s = 30.0
+    with server:
+        started = time.monotonic()
+        if api == "messages":
+            claude = anthropic.Anthropic(base_url=server.url, api_key="rtr_caller", max_retries=0)
+            with claude.messages.stream(
+                model="auto", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+            ) as stream:
+                text = "".join(stream.text_stream)
+        else:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="rtr_caller", max_retries=0)
+            if api == "chat":
+                chunks = client.chat.completions.create(
+                    model="auto", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            else:
+                events = client.responses.create(model="auto", input="hi", stream=True)
+                text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert text == "Hello from upstream."
+        assert time.monotonic() - started < 15, "the caller waited for the upstream's end of stream"
+        deadline = time.monotonic() + 10
+        while not harness.usages and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert [(u.input_tokens, u.output_tokens) for u in harness.usages] == [(11, 4)]
+    assert harness.stats.cancelled == 0 and harness.stats.output_tokens == 4
 
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])

@@ -34,6 +34,7 @@ class FakeProvider:
 
     words: list[str] = field(default_factory=lambda: ["Hello", " from", " upstream", "."])
     delay_s: float = 0.0  # between streamed words
+    linger_s: float = 0.0  # after the final event, before the stream ends (the connection stays open)
     tool_call: tuple[str, dict[str, Any]] | None = None  # (name, arguments) answered instead of text
     fail: list[tuple[int, dict[str, str], dict[str, Any]]] = field(default_factory=list)  # queued errors
     prompt_tokens: int = 11
@@ -69,6 +70,8 @@ class FakeProvider:
                 await response.write(event)
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
+            if self.linger_s:
+                await asyncio.sleep(self.linger_s)
         except (asyncio.CancelledError, ConnectionResetError):
             self.cancelled.append(request.path)
             raise
