@@ -414,6 +414,7 @@ async def run(plan: Plan, quick: bool, report: Callable[[str], None], scenario_n
     keys = Keys.make()
     rows: list[dict[str, Any]] = []
     router_errors: list[str] = []
+    started, load_before = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg()  # the header's "before"
     with workspace() as workdir:
         model = workdir / "bench.gguf"
         model.write_bytes(b"GGUF" + bytes(28))  # any existing file: the fake never reads it
@@ -431,9 +432,9 @@ async def run(plan: Plan, quick: bool, report: Callable[[str], None], scenario_n
     return {
         "meta": {
             "quick": quick, "plan": asdict(plan),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
+            "time": started, "cpus": os.cpu_count(),
             "python": platform.python_version(), "platform": platform.platform(),
-            "loop": eventloop.loop_name(), "load_average": os.getloadavg(),
+            "loop": eventloop.loop_name(), "load_average": load_before,
         },
         "scenarios": scenario_rows,
         "router_errors": router_errors,
