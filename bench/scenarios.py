@@ -2,7 +2,8 @@
 
   gpu        a fake llama-server that behaves like a GPU (FAKE_LLAMA_GPU_STEPS: 32 slots, 45
              tokens/s per stream in one decode step for all, prefill proportional to the prompt):
-             direct vs router + worker, streams ending and restarting in step, and staggered
+             direct vs the byte proxy vs router + worker, streams ending and restarting in step,
+             and staggered; the router row's note gives its and the worker's CPU ÷ the proxy's
   anthropic  the same GPU-like load, staggered, on /v1/messages
   responses  the same again on /v1/responses (Codex's API)
   streams    N concurrent streams at 10 tokens/s: direct fake vs router (4 simulated workers);
@@ -184,26 +185,48 @@ async def gpu_scenario(session: aiohttp.ClientSession, procs: Procs, plan: Scena
     fake = procs.fake(fake_port, GPU_SLOTS, env)
     direct = f"http://127.0.0.1:{fake_port}"
     await wait_until(session, direct + "/health", lambda _: True, [fake], 20)
+    proxy_port = free_port()
+    proxy = procs.spawn("proxy", [sys.executable, str(BENCH / "byte_proxy.py"), "--port", str(proxy_port),
+                                  "--backend", direct], {})  # fmt: skip
+    proxied = f"http://127.0.0.1:{proxy_port}"
+    await wait_until(session, proxied + "/health", lambda _: True, [proxy], 20)
     url, router = await procs.router(session, GPU_SLOTS)
     worker = await procs.worker(session, url, env, router)
     prompt = "@@n@@ " + ("tok " * (plan.prompt_bytes // 4))[: plan.prompt_bytes]  # unique: no cache hits
     length = plan.gpu_tokens / GPU_RATE
     rows: list[dict[str, Any]] = []
     paths = {"direct": (direct, None, {"fake": fake.popen.pid}),
+             "proxy": (proxied, None, {"proxy": proxy.popen.pid}),
              "router": (url, procs.keys.api, {"router": router.popen.pid, "worker": worker.popen.pid})}  # fmt: skip
     phases = [("gpu in step", 0.0, "openai"), ("gpu staggered", length, "openai"),
               ("gpu staggered anthropic", length, "anthropic"),
               ("gpu staggered responses", length, "responses")]  # fmt: skip
     for name, ramp, api in phases:
         for path, (target, key, pids) in paths.items():
-            if api != "openai" and path == "direct":
+            if api != "openai" and path != "router":
                 continue  # llama-server's own /v1/messages and /v1/responses are not ours: vs the OpenAI row
             summary, cpu = await measure(target, key, GPU_SLOTS, window=plan.gpu_window, ramp=ramp,
                                          max_tokens=plan.gpu_tokens, pids=pids, prompt=prompt, api=api)  # fmt: skip
             rows.append(row(name, path, GPU_SLOTS, summary, cpu_ms_per_1k_tokens=cpu))
             report(_line(rows[-1]))
+        _cpu_against_proxy(rows, name)
     procs.stop()
     return rows
+
+
+def _cpu_against_proxy(rows: list[dict[str, Any]], scenario: str) -> None:
+    """The router row's note: its and the worker's CPU per token as multiples of the byte proxy's
+    under the same load (the proxy row of this phase, or of the OpenAI phase before it)."""
+    router = next((r for r in reversed(rows) if r["scenario"] == scenario and r["path"] == "router"), None)
+    phases = (scenario, "gpu staggered")
+    proxy = next((r for r in reversed(rows) if r["path"] == "proxy" and r["scenario"] in phases), None)
+    if router is None or proxy is None:
+        return
+    base = (proxy.get("cpu_ms_per_1k_tokens") or {}).get("proxy")
+    cpu = router.get("cpu_ms_per_1k_tokens") or {}
+    if base and cpu.get("router") is not None and cpu.get("worker") is not None:
+        ratios = f"router {cpu['router'] / base:.2f}×, worker {cpu['worker'] / base:.2f}×"
+        router["note"] = f"CPU vs byte proxy ({base:.1f}): {ratios}"
 
 
 async def streams_scenario(session: aiohttp.ClientSession, procs: Procs, plan: ScenarioPlan,
@@ -357,7 +380,7 @@ def _num(value: Any, fmt: str = "{:,.1f}") -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| scenario | path | streams | tokens/s | jobs/s | × base | TTFT p50 ms (added) | TTFT p99 ms (added) "
-             "| errors | CPU ms/1k tok: router | worker | note |", "|" + "---|" * 12]  # fmt: skip
+             "| errors | CPU ms/1k tok: router (or proxy) | worker | note |", "|" + "---|" * 12]  # fmt: skip
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['scenario']} | not measured: {r['error'][:200]} |" + " |" * 10)
@@ -368,7 +391,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             _num(r.get("requests_per_s"), "{:,.0f}"), _num(r.get("ratio"), "{:.3f}"),
             f"{_num(r['ttft_p50_ms'])} ({_num(r.get('ttft_p50_added_ms'), '{:+.1f}')})",
             f"{_num(r['ttft_p99_ms'])} ({_num(r.get('ttft_p99_added_ms'), '{:+.1f}')})",
-            f"{r['errors']} / {r['short']}", _num(cpu.get("router")), _num(cpu.get("worker")), r.get("note", ""),
+            f"{r['errors']} / {r['short']}", _num(cpu.get("router", cpu.get("proxy"))), _num(cpu.get("worker")),
+            r.get("note", ""),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
