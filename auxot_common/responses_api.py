@@ -629,6 +629,7 @@ class _OpenItem:
     text: list[str] = field(default_factory=list)
     call_id: str = ""
     name: str = ""
+    delta_head: tuple[bytes, bytes] = (b"", b"")  # a text delta event's bytes around its sequence number
 
 
 @dataclass(slots=True)
@@ -735,10 +736,20 @@ class ResponsesStream:
             out += self._event("response.output_item.added", {"output_index": item.output_index, "item": added})
             out += self._event("response.content_part.added", {**where, "content_index": 0, "part": part})
         item.text.append(msg.token)
-        where = {"item_id": item.item_id, "output_index": item.output_index, "content_index": 0}
-        if msg.reasoning:
-            return out + self._event("response.reasoning_text.delta", {**where, "delta": msg.token})
-        return out + self._event("response.output_text.delta", {**where, "delta": msg.token, "logprobs": []})
+        # the hot path, once per token: the event's fixed bytes are built once per item, and
+        # are exactly what _event would write (a unit test compares them)
+        if not item.delta_head[0]:
+            kind_name = "response.reasoning_text.delta" if msg.reasoning else "response.output_text.delta"
+            location = orjson.dumps({"item_id": item.item_id, "output_index": item.output_index, "content_index": 0})
+            item.delta_head = (
+                b"event: " + kind_name.encode() + b'\ndata: {"type":"' + kind_name.encode() + b'","sequence_number":',
+                b"," + location[1:-1] + b',"delta":',
+            )
+        head, middle = item.delta_head
+        sequence = self._sequence
+        self._sequence += 1
+        tail = b"}\n\n" if msg.reasoning else b',"logprobs":[]}\n\n'
+        return out + head + str(sequence).encode() + middle + orjson.dumps(msg.token) + tail
 
     def on_tool_call_delta(self, msg: ToolCallDelta) -> bytes:
         if self._done:

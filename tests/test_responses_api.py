@@ -130,3 +130,37 @@ def test_stream_failure_is_explicit() -> None:
         r.error_code("request (5000 tokens) exceeds the available context size (1024 tokens)", 400)
         == "context_length_exceeded"
     )
+
+
+def test_text_deltas_are_exactly_the_generic_events() -> None:
+    """Text and reasoning deltas are written from per-item byte templates (the per-token hot
+    path): each must be byte for byte what encoding the event object gives, fields in order."""
+    stream = r.ResponsesStream(r.parse_request({"input": "hi"}), "resp_1", "m", 0)
+    raw = stream.start()
+    for token in ("think", ' "q"\\'):
+        raw += stream.on_token(Token("j", token, reasoning=True))
+    for token in ("Hé", 'llo "w"\n', "\u2028</x>"):
+        raw += stream.on_token(Token("j", token))
+    raw += stream.on_complete(Complete("j", finish_reason="stop", input_tokens=3, output_tokens=5))
+    blocks = [b for b in raw.split(b"\n\n") if b]
+    deltas = [
+        b
+        for b in blocks
+        if b.startswith((b"event: response.output_text.delta", b"event: response.reasoning_text.delta"))
+    ]
+    assert len(deltas) == 5
+    for block in deltas:
+        head, data = block.split(b"\ndata: ", 1)
+        obj = orjson.loads(data)
+        assert head == b"event: " + obj["type"].encode() and data == orjson.dumps(obj)
+        fields = ["type", "sequence_number", "item_id", "output_index", "content_index", "delta"]
+        assert list(obj) == ([*fields, "logprobs"] if obj["type"] == "response.output_text.delta" else fields)
+    got = events(raw)
+    assert [e["sequence_number"] for e in got] == list(range(len(got)))
+    texts = [e["delta"] for e in got if e["type"] == "response.output_text.delta"]
+    assert texts == ["Hé", 'llo "w"\n', "\u2028</x>"]
+    done = [e["item"] for e in got if e["type"] == "response.output_item.done"]
+    assert [d["type"] for d in done] == ["reasoning", "message"]
+    assert done[1]["content"][0]["text"] == "Hé" + 'llo "w"\n' + "\u2028</x>"
+    message_deltas = [e for e in got if e["type"] == "response.output_text.delta"]
+    assert {(e["item_id"], e["output_index"]) for e in message_deltas} == {(done[1]["id"], 1)}
