@@ -7,10 +7,15 @@ and 32 frame reads, 32 ``orjson.loads`` calls and 32 wake-ups of the socket read
 them writes everything after one yield to the loop, as one ``batch`` frame
 (:func:`auxot_common.protocol.encode_batch`).
 
-Senders keep the semantics of a direct write: each ``send`` returns once its message was handed
-to the socket, and raises what the write raised (``ConnectionError`` when the socket is gone), so
-back-pressure and error handling are unchanged. A sender cancelled while it was about to write
-for the others hands the write to a task, so their messages are never stranded.
+The first sender of a turn writes the batch and returns once it was handed to the socket, raising
+what the write raised. The others return at once while no earlier write waits for the socket to
+drain (the batch is written within this loop turn, by the first sender): waiting for it would
+cost every token of every job a future and a task switch. While a write waits for the peer
+(back-pressure), every sender waits for its batch, as with a direct write. A failed write leaves
+the batcher failed: every later ``send`` raises that error, so the jobs whose messages it carried
+learn of it at their next message (a broken socket loses what it buffered either way; the router
+treats the worker's jobs as lost when the socket closes). A sender cancelled while it was about
+to write for the others hands the write to a task, so their messages are never stranded.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class FrameBatcher:
     max_frame_bytes: the largest batch frame to build (the peer's frame limit is far above).
     """
 
-    __slots__ = ("_done", "_max", "_pending", "_size", "_tasks", "_write", "frames", "messages")
+    __slots__ = ("_done", "_failed", "_max", "_pending", "_size", "_tasks", "_waiting", "_write", "frames", "messages")
 
     def __init__(self, write: Callable[[bytes], Awaitable[None]], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         self._write = write
@@ -39,16 +44,22 @@ class FrameBatcher:
         self._size = 0
         self._done: asyncio.Future[None] | None = None  # resolves when the pending messages are written
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting = 0  # writes in progress that wait for the socket to drain
+        self._failed: BaseException | None = None  # the error of a failed write: the socket is broken
         self.frames = 0  # frames written (for benchmarks and tests)
         self.messages = 0  # messages written
 
     async def send(self, payload: bytes) -> None:
-        """Queue one encoded message and return once it was written (in a batch or alone)."""
+        """Queue one encoded message; return once it was written, or (not the turn's first
+        sender, no back-pressure) once the turn's first sender will write it."""
+        if self._failed is not None:
+            raise self._failed
         done = self._done
         if done is not None:
             self._pending.append(payload)
             self._size += len(payload)
-            await asyncio.shield(done)
+            if self._waiting:  # back-pressure: wait like a direct write would
+                await asyncio.shield(done)
             return
         loop = asyncio.get_running_loop()
         done = self._done = loop.create_future()
@@ -70,11 +81,18 @@ class FrameBatcher:
         self._done = None  # senders from now on start the next batch
         try:
             for frame in _frames(batch, self._max):
-                await self._write(frame)
+                write = self._write(frame)
+                self._waiting += 1  # until the write returns: senders of later turns wait for theirs
+                try:
+                    await write
+                finally:
+                    self._waiting -= 1
                 self.frames += 1
         except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else ConnectionError("send cancelled")
+            self._failed = error
             if not done.done():
-                done.set_exception(exc if isinstance(exc, Exception) else ConnectionError("send cancelled"))
+                done.set_exception(error)
             if not isinstance(exc, Exception):
                 raise
             return

@@ -113,15 +113,18 @@ async def test_batches_split_at_the_frame_limit_and_keep_order() -> None:
     assert [m.job_id for m in sock.messages()] == ["a", "b", "big", "c"]  # type: ignore[union-attr]
 
 
-async def test_a_failed_write_raises_in_every_sender_of_the_batch() -> None:
+async def test_a_failed_write_raises_in_its_writer_and_in_every_later_send() -> None:
     sock = Socket()
     sock.fail = ConnectionResetError("gone")
     batcher = FrameBatcher(sock.write)
     results = await asyncio.gather(*(batcher.send(token(f"j{i}")) for i in range(3)), return_exceptions=True)
-    assert all(isinstance(r, ConnectionResetError) for r in results)
+    assert isinstance(results[0], ConnectionResetError)  # the turn's first sender wrote the batch
+    assert results[1:] == [None, None]  # the others had returned before the write
     sock.fail = None
-    await batcher.send(token("after"))  # the batcher is usable again
-    assert [m.job_id for m in sock.messages()] == ["after"]  # type: ignore[union-attr]
+    for job in ("j1", "j2", "after"):  # the socket is broken: every job learns it at its next message
+        with pytest.raises(ConnectionResetError):
+            await batcher.send(token(job))
+    assert sock.frames == []
 
 
 async def test_a_cancelled_first_sender_does_not_strand_the_others() -> None:
@@ -137,15 +140,30 @@ async def test_a_cancelled_first_sender_does_not_strand_the_others() -> None:
     assert first.cancelled()
 
 
-async def test_senders_wait_for_a_slow_write_and_the_next_turn_starts_a_new_batch() -> None:
+async def test_senders_wait_while_a_write_waits_for_the_socket() -> None:
     sock = Socket()
     sock.gate = asyncio.Event()
     batcher = FrameBatcher(sock.write)
     early = [asyncio.ensure_future(batcher.send(token(f"e{i}"))) for i in range(2)]
     await asyncio.sleep(0.01)
-    assert not any(t.done() for t in early)  # back-pressure: nothing returns before the write
-    late = asyncio.ensure_future(batcher.send(token("late")))
+    # the first sender writes and waits for the socket; the other had handed it its message
+    assert [t.done() for t in early] == [False, True]
+    late = [asyncio.ensure_future(batcher.send(token(f"late{i}"))) for i in range(2)]
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in late)  # back-pressure: a later turn waits for the socket
     sock.gate.set()
-    await asyncio.gather(*early, late)
-    assert len(sock.frames) == 2
-    assert [m.job_id for m in sock.messages()] == ["e0", "e1", "late"]  # type: ignore[union-attr]
+    await asyncio.gather(*early, *late)
+    assert len(sock.frames) == 2  # a batch per turn
+    assert [m.job_id for m in sock.messages()] == ["e0", "e1", "late0", "late1"]  # type: ignore[union-attr]
+
+
+async def test_senders_after_the_first_return_within_the_turn_and_are_written_in_it() -> None:
+    sock = Socket()
+    batcher = FrameBatcher(sock.write)
+    first = asyncio.ensure_future(batcher.send(token("first")))
+    await asyncio.sleep(0)  # the first sender waits for the turn to end
+    await batcher.send(token("second"))  # returns at once: no write waits for the socket
+    assert sock.frames == [] and not first.done()
+    await first
+    assert len(sock.frames) == 1
+    assert [m.job_id for m in sock.messages()] == ["first", "second"]  # type: ignore[union-attr]
