@@ -63,7 +63,7 @@ from auxot_common.provision import (
     vram_report_gb,
 )
 from auxot_common.routing import host_ram_bytes, llama_cache_args
-from auxot_common.sendbatch import FrameBatcher
+from auxot_common.sendbatch import DEFAULT_MAX_FRAME_BYTES, FrameBatcher
 from auxot_common.settings import ConfigError, EnvReader, load_environment
 from auxot_common.stopwords import StopMatcher, stop_sequences
 from auxot_common.textparse import REASONING, TextParser
@@ -1297,7 +1297,10 @@ class RouterLink:
             await ws.close()
             raise
         self.gpu_id = ack.gpu_id
-        self.batcher = FrameBatcher(partial(ws.send_frame, opcode=aiohttp.WSMsgType.TEXT)) if ack.batch else None
+        self.batcher = None
+        if ack.batch:  # batches stay well inside the router's frame limit (AUXOT_MAX_WS_MESSAGE_BYTES)
+            frame_bytes = min(DEFAULT_MAX_FRAME_BYTES, max(self.max_message_bytes // 2, 16 * 1024))
+            self.batcher = FrameBatcher(partial(ws.send_frame, opcode=aiohttp.WSMsgType.TEXT), frame_bytes)
         return ws, ack
 
     async def serve(
