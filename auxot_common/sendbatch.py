@@ -31,11 +31,16 @@ DEFAULT_MAX_FRAME_BYTES = 1024 * 1024  # a batch stops growing here; a bigger me
 
 class FrameBatcher:
     """Parameters:
-    write: writes one frame (raises ``ConnectionError`` if the socket is gone).
+    write: writes one frame (raises ``ConnectionError`` if the socket is gone). It must hand the
+        frame to the socket before it waits for anything (aiohttp's ``send_frame`` writes, then
+        waits for the socket to drain), so a write cancelled while it waits has sent its frame.
     max_frame_bytes: the largest batch frame to build (the peer's frame limit is far above).
     """
 
-    __slots__ = ("_done", "_failed", "_max", "_pending", "_size", "_tasks", "_waiting", "_write", "frames", "messages")
+    __slots__ = (
+        "_done", "_failed", "_max", "_pending", "_size", "_tasks", "_waiting", "_write", "_writing",
+        "frames", "messages",
+    )  # fmt: skip
 
     def __init__(self, write: Callable[[bytes], Awaitable[None]], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         self._write = write
@@ -45,7 +50,8 @@ class FrameBatcher:
         self._done: asyncio.Future[None] | None = None  # resolves when the pending messages are written
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting = 0  # writes in progress that wait for the socket to drain
-        self._failed: BaseException | None = None  # the error of a failed write: the socket is broken
+        self._failed: Exception | None = None  # the error of a failed write: the socket is broken
+        self._writing: asyncio.Task[None] | None = None  # a batch written by a task (see _flush)
         self.frames = 0  # frames written (for benchmarks and tests)
         self.messages = 0  # messages written
 
@@ -79,24 +85,68 @@ class FrameBatcher:
     async def _flush(self, done: asyncio.Future[None]) -> None:
         batch, self._pending, self._size = self._pending, [], 0
         self._done = None  # senders from now on start the next batch
+        frames = _frames(batch, self._max)
+        if self._writing is not None or len(frames) > 1:
+            # rare (back-pressure, or over a frame's worth in one turn): the frames are written
+            # by a task, after every earlier batch, so that neither a cancelled sender nor a
+            # later batch can leave a job's messages unwritten or out of order
+            task = asyncio.get_running_loop().create_task(self._write_after(self._writing, frames, len(batch), done))
+            self._writing = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(done)
+            return
+        # the common case: one frame, nothing before it still being written. The frame is on
+        # the socket before the write can wait (aiohttp writes, then drains), so a sender
+        # cancelled while it waits for the drain has still sent everyone's messages.
+        self._waiting += 1
         try:
-            for frame in _frames(batch, self._max):
-                write = self._write(frame)
-                self._waiting += 1  # until the write returns: senders of later turns wait for theirs
-                try:
-                    await write
-                finally:
-                    self._waiting -= 1
-                self.frames += 1
-        except BaseException as exc:
-            error = exc if isinstance(exc, Exception) else ConnectionError("send cancelled")
-            self._failed = error
+            await self._write(frames[0])
+        except asyncio.CancelledError:
+            self._finished(done, None, len(batch))
+            raise
+        except Exception as exc:
+            self._finished(done, exc, 0)
+            return
+        finally:
+            self._waiting -= 1
+        self._finished(done, None, len(batch))
+
+    async def _write_after(
+        self, previous: asyncio.Task[None] | None, frames: list[bytes], count: int, done: asyncio.Future[None]
+    ) -> None:
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])  # its outcome is its senders' concern: only its end matters
+            self._waiting += 1  # until this batch is written: senders of later turns wait for theirs
+            try:
+                for frame in frames:
+                    if self._failed is not None:
+                        raise self._failed
+                    await self._write(frame)
+                    self.frames += 1
+            finally:
+                self._waiting -= 1
+        except Exception as exc:
+            self._finished(done, exc, 0, counted=True)
+        else:
+            self._finished(done, None, count, counted=True)
+        finally:
+            if self._writing is asyncio.current_task():
+                self._writing = None
+
+    def _finished(
+        self, done: asyncio.Future[None], error: Exception | None, messages: int, counted: bool = False
+    ) -> None:
+        if error is not None:
+            self._failed = error  # the socket is broken: every later send raises this
             if not done.done():
                 done.set_exception(error)
-            if not isinstance(exc, Exception):
-                raise
             return
-        self.messages += len(batch)
+        if not counted:
+            self.frames += 1
+        self.messages += messages
         if not done.done():
             done.set_result(None)
 

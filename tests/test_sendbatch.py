@@ -66,11 +66,11 @@ class Socket:
         self.gate: asyncio.Event | None = None
 
     async def write(self, frame: bytes) -> None:
-        if self.gate is not None:
-            await self.gate.wait()
         if self.fail is not None:
             raise self.fail
-        self.frames.append(frame)
+        self.frames.append(frame)  # on the socket first, then wait for it to drain (as aiohttp does)
+        if self.gate is not None:
+            await self.gate.wait()
 
     def messages(self) -> list[proto.Message]:
         out: list[proto.Message] = []
@@ -167,3 +167,23 @@ async def test_senders_after_the_first_return_within_the_turn_and_are_written_in
     await first
     assert len(sock.frames) == 1
     assert [m.job_id for m in sock.messages()] == ["first", "second"]  # type: ignore[union-attr]
+
+
+async def test_a_batch_of_several_frames_is_written_whole_and_before_later_batches() -> None:
+    sock = Socket()
+    sock.gate = asyncio.Event()
+    batcher = FrameBatcher(sock.write, max_frame_bytes=120)  # two messages a frame
+    first_turn = [asyncio.ensure_future(batcher.send(token(f"j{i}", "a"))) for i in range(4)]
+    await asyncio.sleep(0.01)  # its first frame is on the socket, which does not drain
+    first_turn[0].cancel()  # the sender that started the batch goes away mid-write
+    second_turn = [asyncio.ensure_future(batcher.send(token(f"j{i}", "b"))) for i in range(4)]
+    await asyncio.sleep(0.01)
+    assert len(sock.frames) == 1 and not any(t.done() for t in second_turn)  # back-pressure
+    sock.gate.set()
+    await asyncio.gather(*first_turn[1:], *second_turn)
+    await batcher.close()
+    assert first_turn[0].cancelled()
+    sent = [(m.job_id, m.token) for m in sock.messages()]  # type: ignore[union-attr]
+    for job in ("j0", "j1", "j2", "j3"):  # nothing stranded, and each job's messages in order
+        assert [text for j, text in sent if j == job] == ["a", "b"]
+    assert len(sock.frames) == 4
