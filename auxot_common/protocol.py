@@ -391,6 +391,23 @@ def encode_batch(payloads: list[bytes]) -> bytes:
     return _BATCH_HEAD + b",".join(payloads) + b"]}"
 
 
+def encode_batches(payloads: list[bytes], max_bytes: int) -> list[bytes]:
+    """Encoded messages grouped, in order, into ``batch`` frames of at most ``max_bytes`` (a
+    bigger message goes alone): the worker's frames to the router and the routers' relay entries."""
+    frames: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for payload in payloads:
+        if group and size + len(payload) + 1 > max_bytes:
+            frames.append(encode_batch(group))
+            group, size = [], 0
+        group.append(payload)
+        size += len(payload) + 1
+    if group:
+        frames.append(encode_batch(group))
+    return frames
+
+
 def decode(data: str | bytes) -> Message:
     """Parse one frame. Raises :class:`ProtocolError` for anything that is not a known message."""
     try:

@@ -48,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -56,7 +56,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from auxot_common.models import model_key
-from auxot_common.protocol import Job, ProtocolError, decode, encode, encode_batch
+from auxot_common.protocol import Job, ProtocolError, decode, encode, encode_batches
 from auxot_common.turnbatch import TurnBatch
 
 log = logging.getLogger("auxot.queue")
@@ -393,7 +393,7 @@ class StreamQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             for instance_id, payloads in batches.items():
                 key = self.inbox_key(instance_id)
-                for entry in _relay_entries(payloads):
+                for entry in encode_batches(payloads, RELAY_ENTRY_BYTES):
                     pipe.xadd(key, {"m": entry}, maxlen=INBOX_MAXLEN, approximate=True)
                 pipe.expire(key, INBOX_TTL_S)
             await pipe.execute()
@@ -563,21 +563,6 @@ def _job_entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> JobEntry:
     except (KeyError, ProtocolError):
         return _text(entry_id), None
     return _text(entry_id), message if isinstance(message, Job) else None
-
-
-def _relay_entries(payloads: list[bytes]) -> Iterator[bytes]:
-    """Encoded messages grouped into ``batch`` messages of at most RELAY_ENTRY_BYTES (a larger
-    message goes alone), order kept."""
-    group: list[bytes] = []
-    size = 0
-    for payload in payloads:
-        if group and size + len(payload) > RELAY_ENTRY_BYTES:
-            yield encode_batch(group)
-            group, size = [], 0
-        group.append(payload)
-        size += len(payload) + 1
-    if group:
-        yield encode_batch(group)
 
 
 class RelayPublisher:

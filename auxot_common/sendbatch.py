@@ -5,7 +5,7 @@ event-loop turn. Sent one frame each, they cost 32 frame writes (and 32 syscalls
 and 32 frame reads, 32 ``orjson.loads`` calls and 32 wake-ups of the socket reader on the router.
 :class:`FrameBatcher` lets every sender of the turn append its encoded message, and the first of
 them writes everything after one yield to the loop, as one ``batch`` frame
-(:func:`auxot_common.protocol.encode_batch`).
+(:func:`auxot_common.protocol.encode_batches`).
 
 The first sender of a turn writes the batch and returns once it was handed to the socket, raising
 what the write raised. The others return at once while no earlier write waits for the socket to
@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
-from auxot_common.protocol import encode_batch
+from auxot_common.protocol import encode_batches
 
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024  # a batch stops growing here; a bigger message goes alone
 
@@ -85,7 +85,7 @@ class FrameBatcher:
     async def _flush(self, done: asyncio.Future[None]) -> None:
         batch, self._pending, self._size = self._pending, [], 0
         self._done = None  # senders from now on start the next batch
-        frames = _frames(batch, self._max)
+        frames = encode_batches(batch, self._max)
         if self._writing is not None or len(frames) > 1:
             # rare (back-pressure, or over a frame's worth in one turn): the frames are written
             # by a task, after every earlier batch, so that neither a cancelled sender nor a
@@ -103,19 +103,20 @@ class FrameBatcher:
         self._waiting += 1
         try:
             await self._write(frames[0])
-        except asyncio.CancelledError:
-            self._finished(done, None, len(batch))
-            raise
         except Exception as exc:
-            self._finished(done, exc, 0)
+            self._fail(done, exc)
             return
+        except asyncio.CancelledError:
+            self._written(done, 1, len(batch))
+            raise
         finally:
             self._waiting -= 1
-        self._finished(done, None, len(batch))
+        self._written(done, 1, len(batch))
 
     async def _write_after(
         self, previous: asyncio.Task[None] | None, frames: list[bytes], count: int, done: asyncio.Future[None]
     ) -> None:
+        written = 0
         try:
             if previous is not None:
                 await asyncio.wait([previous])  # its outcome is its senders' concern: only its end matters
@@ -125,52 +126,34 @@ class FrameBatcher:
                     if self._failed is not None:
                         raise self._failed
                     await self._write(frame)
-                    self.frames += 1
+                    written += 1
             finally:
                 self._waiting -= 1
         except Exception as exc:
-            self._finished(done, exc, 0, counted=True)
+            self.frames += written
+            self._fail(done, exc)
         else:
-            self._finished(done, None, count, counted=True)
+            self._written(done, written, count)
         finally:
             if self._writing is asyncio.current_task():
                 self._writing = None
 
-    def _finished(
-        self, done: asyncio.Future[None], error: Exception | None, messages: int, counted: bool = False
-    ) -> None:
-        if error is not None:
-            self._failed = error  # the socket is broken: every later send raises this
-            if not done.done():
-                done.set_exception(error)
-            return
-        if not counted:
-            self.frames += 1
+    def _written(self, done: asyncio.Future[None], frames: int, messages: int) -> None:
+        self.frames += frames
         self.messages += messages
         if not done.done():
             done.set_result(None)
+
+    def _fail(self, done: asyncio.Future[None], error: Exception) -> None:
+        self._failed = error  # the socket is broken: every later send raises this
+        if not done.done():
+            done.set_exception(error)
 
     async def close(self) -> None:
         """Wait for a write handed to a task (a cancelled sender's) to finish."""
         for task in list(self._tasks):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
-
-
-def _frames(payloads: list[bytes], max_bytes: int) -> list[bytes]:
-    """Group payloads, in order, into frames of at most ``max_bytes`` (a bigger one goes alone)."""
-    frames: list[bytes] = []
-    group: list[bytes] = []
-    size = 0
-    for payload in payloads:
-        if group and size + len(payload) + 1 > max_bytes:
-            frames.append(encode_batch(group))
-            group, size = [], 0
-        group.append(payload)
-        size += len(payload) + 1
-    if group:
-        frames.append(encode_batch(group))
-    return frames
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

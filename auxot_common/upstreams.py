@@ -462,9 +462,11 @@ class OpenAIReader:
         self._reasoning: list[str] = []
         self._calls: dict[int, JSONObject] = {}
         self._finish = "stop"
+        self.ended = False  # the stream's final event came: nothing more to read
 
     def on_event(self, data: str) -> list[proto.Message]:
         if data.strip() == "[DONE]":
+            self.ended = True
             return []
         chunk = orjson.loads(data)
         if isinstance(chunk.get("error"), dict):
@@ -532,10 +534,12 @@ class AnthropicReader:
         self._calls: list[JSONObject] = []
         self._tool_index: dict[int, int] = {}  # content block index -> tool call index
         self._finish = "stop"
+        self.ended = False  # the stream's final event came: nothing more to read
 
     def on_event(self, event: str, data: str) -> list[proto.Message]:
         obj = orjson.loads(data) if data else {}
         kind = obj.get("type", event)
+        self.ended = self.ended or kind == "message_stop"
         if kind == "message_start":
             message = obj.get("message") or {}
             self.model = message.get("model") or ""
@@ -910,16 +914,11 @@ async def _translated(call: _Call, upstream: aiohttp.ClientResponse) -> RelayRes
         await response.write(encoder.start())
     parser = SSEParser()
     failure: proto.Error | None = None
-    ended = False  # the upstream's final event: answer now, without waiting for its end of stream
     async for chunk in upstream.content.iter_any():
         out = bytearray()
         for _raw, event, data in parser.feed(chunk):
             if not data:
                 continue
-            if spec.api == "anthropic":
-                ended = event == "message_stop" or '"message_stop"' in data
-            else:
-                ended = data.strip() == "[DONE]"
             messages = reader.on_event(event, data) if isinstance(reader, AnthropicReader) else reader.on_event(data)
             for message in messages:
                 if isinstance(message, proto.Error):
@@ -928,7 +927,8 @@ async def _translated(call: _Call, upstream: aiohttp.ClientResponse) -> RelayRes
                     out += _encode(encoder, message)
         if out and response is not None:
             await response.write(bytes(out))
-        if failure is not None or ended:
+        # at the upstream's final event, answer now: not at its end of stream (see _pass_through)
+        if failure is not None or reader.ended:
             break
     if failure is not None:
         if response is None:
