@@ -161,6 +161,7 @@ class RouterConfig:
     auth_failure_burst: int = 20
     auth_failures_per_minute: int = 30
     access_log: bool = True
+    direct_tokens: bool = True  # AUXOT_DIRECT_TOKENS=off: every token wakes its handler (to compare)
     metrics_token: str = ""
     keys_file: str = field(default_factory=lambda: str(keystore.keys_file_path({})))
     usage_file: str = field(default_factory=lambda: str(keystore.default_data_dir({}) / "usage.json"))
@@ -248,6 +249,8 @@ class RouterConfig:
             auth_failure_burst=read.integer("AUXOT_AUTH_FAILURE_BURST", 20, minimum=1),
             auth_failures_per_minute=read.integer("AUXOT_AUTH_FAILURES_PER_MINUTE", 30, minimum=1),
             access_log=read.choice("AUXOT_ACCESS_LOG", "on", ("on", "off", "true", "false", "1", "0"))
+            in ("on", "true", "1"),
+            direct_tokens=read.choice("AUXOT_DIRECT_TOKENS", "on", ("on", "off", "true", "false", "1", "0"))
             in ("on", "true", "1"),
             metrics_token=read.text("AUXOT_METRICS_TOKEN", ""),
             keys_file=str(keystore.keys_file_path(env)),
@@ -556,13 +559,18 @@ class EventChannel:
     token. The tracker's ticker calls :meth:`wake` on channels that have been idle too long.
     """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "direct")
 
     def __init__(self) -> None:
         self._items: list[proto.Message] = []
         self._waiter: asyncio.Future[None] | None = None
+        # takes an item while the consumer is parked with nothing queued; False: queue it
+        self.direct: Callable[[proto.Message], bool] | None = None
 
     def put(self, item: proto.Message) -> None:
+        waiter, direct = self._waiter, self.direct
+        if direct is not None and waiter is not None and not waiter.done() and direct(item):
+            return  # handled in place: the consumer stays parked (no wake-up, no task switch)
         self._items.append(item)
         self.wake()
 
@@ -2470,6 +2478,24 @@ async def stream_job(
     an error that comes quickly (a prompt longer than the context) is still a proper HTTP 400,
     and a long wait in the queue still keeps proxies from cutting the connection.
     """
+    try:
+        return await _stream_events(
+            request, router, handle, encoder, keepalive=keepalive, early_error=early_error, headers=headers
+        )
+    finally:
+        handle.events.direct = None  # nothing may write to the response once the handler is done
+
+
+async def _stream_events(
+    request: web.Request,
+    router: Router,
+    handle: JobHandle,
+    encoder: StreamEncoder,
+    *,
+    keepalive: bytes,
+    early_error: Callable[[proto.Error], web.Response] | None,
+    headers: dict[str, str] | None,
+) -> web.StreamResponse:
     response: web.StreamResponse | None = None
     write_timeout = router.config.write_timeout
     async for batch in router.tracker.events(handle, router.config.sse_keepalive):
@@ -2485,8 +2511,10 @@ async def stream_job(
             if batch and not isinstance(batch[0], QueueNotice):  # the start and the first events: one write
                 start = encoder.start()
                 await write_within(request, response, start + encode_batch(handle, encoder, batch), write_timeout)
+                direct_tokens(router, request, response, handle, encoder)
                 continue
             await write_within(request, response, encoder.start(), write_timeout)
+            direct_tokens(router, request, response, handle, encoder)
         if not batch:
             await write_within(request, response, keepalive, write_timeout)
             continue
@@ -2499,7 +2527,60 @@ async def stream_job(
     return response
 
 
+def direct_tokens(
+    router: Router, request: web.Request, response: web.StreamResponse, handle: JobHandle, encoder: StreamEncoder
+) -> None:
+    """From now on, tokens that find the handler parked are written where they arrive."""
+    if router.config.direct_tokens and not response.compression:
+        handle.events.direct = DirectTokens(request, response, handle, encoder)
+
+
 WRITE_FAST_PATH_BYTES = 16 * 1024  # below asyncio's default 64 KiB high-water mark
+DIRECT_TOKEN_CHARS = 2048  # encoded (JSON escapes at most 6×, plus the event's frame) within the above
+
+
+class DirectTokens:
+    """Writes a streamed job's tokens from the socket reader that received them, while the
+    caller's handler is parked with nothing queued: no wake-up of the handler, no task switch and
+    no pass through its middleware stack per token (the byte proxy pays one such switch per
+    token; the router paid one per token too, on top of its frame decoding). Only a write that
+    cannot wait goes this way: nothing buffered for the caller, a small chunk, no compression.
+    Everything else (a slow reader, the end, an error, a lost worker) wakes the handler as before,
+    and since the handler only parks once it has written all it took, the order is kept."""
+
+    __slots__ = ("_encoder", "_handle", "_request", "_response")
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, handle: JobHandle, encoder: StreamEncoder):
+        self._request, self._response, self._handle, self._encoder = request, response, handle, encoder
+
+    def __call__(self, message: proto.Message) -> bool:
+        if type(message) is not proto.Token or len(message.token) > DIRECT_TOKEN_CHARS:
+            return False
+        transport = self._request.transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        handle = self._handle  # what events() and encode_batch() note for a token
+        handle.content_sent = True
+        handle.streamed_chars += len(message.token)
+        handle.last_yield = time.monotonic()
+        data = self._encoder.on_token(message)
+        if not data:
+            return True
+        # aiohttp's own write (chunked framing, byte counts), run to its end here: it hands the
+        # chunk to the transport before anything it could wait for (a drain, impossible with an
+        # empty buffer), so a write that did suspend has still sent the chunk and is dropped
+        write = self._response.write(data)
+        try:
+            write.send(None)
+        except StopIteration:
+            return True
+        except Exception as exc:  # the connection broke under us: end it as a hang-up would
+            log.info("a direct token write failed; closing the stream", extra={"error": str(exc)})
+            transport.abort()
+            return True
+        write.close()
+        return True
+
 
 
 async def write_within(request: web.Request, response: web.StreamResponse, data: bytes, timeout: float) -> None:
