@@ -2563,6 +2563,8 @@ class DirectTokens:
         handle.content_sent = True
         handle.streamed_chars += len(message.token)
         handle.last_yield = time.monotonic()
+        if handle.stats.first_token_at is None:  # headers went out early, with a keep-alive
+            handle.stats.first_token_at = handle.last_yield
         data = self._encoder.on_token(message)
         if not data:
             return True
@@ -3057,7 +3059,10 @@ async def worker_socket(request: web.Request) -> web.WebSocketResponse:
         key_name=result.name or "",
         key_phc=next((h.phc for h in router.gpu_hashes if h.name == result.name), ""),
     )
-    await serve_worker(router, worker)
+    # a task of its own: each frame then resumes serve_worker's few frames, not the middleware
+    # stack above this handler as well (one resume per frame, per token when tokens come alone);
+    # cancelling this handler (the connection closed) cancels the task it awaits
+    await asyncio.create_task(serve_worker(router, worker), name=f"worker-{worker_id}")
     return ws
 
 

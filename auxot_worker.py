@@ -1066,9 +1066,8 @@ class JobRunner:
     async def _relay_stream(self, job: proto.Job, resp: aiohttp.ClientResponse, result: JobResult) -> None:
         """Parse SSE; everything that arrived in one read goes to the router in as few frames."""
         buffer = b""
-        async for chunk in resp.content.iter_any():
-            buffer += chunk
-            lines = buffer.split(b"\n")
+        async for received in resp.content.iter_any():
+            lines = (buffer + received if buffer else received).split(b"\n")
             buffer = lines.pop()
             events = [line[6:] for line in lines if line.startswith(b"data: ")]
             if events and await self._handle_events(job, events, result):
@@ -1087,17 +1086,42 @@ class JobRunner:
             if "error" in chunk and not chunk.get("choices"):
                 failure = LlamaHTTPError(500, llama_error_message(500, payload))
                 break
+            text = plain_content(chunk)
+            if text is not None and result.stops is None and not result.unsent_logprobs:
+                for kind, piece in result.parser.feed(text):  # the common token: no other field to read
+                    add_token(outgoing, job, piece, reasoning=kind == REASONING)
+                continue
             apply_chunk(job, chunk, result, outgoing)
             if result.stops is not None and result.stops.matched:
                 done = True  # leaving the stream closes it: llama-server stops generating
                 break
-        if any(type(m) is not proto.PromptProgress for m in outgoing):
+        if not result.sent_any and any(type(m) is not proto.PromptProgress for m in outgoing):
             result.sent_any = True
         for message in outgoing:  # what came before a failure still reaches the caller
             await self._send(message)
         if failure is not None:
             raise failure
         return done
+
+
+_PLAIN_CHUNK_KEYS = frozenset({"choices", "created", "id", "model", "system_fingerprint", "object"})
+
+
+def plain_content(chunk: dict[str, Any]) -> str | None:
+    """The text of a chunk that is one choice's ``delta.content`` and nothing else (no usage,
+    timings, progress, logprobs, finish reason or other delta field): most chunks of a stream.
+    ``None`` for anything else, which :func:`apply_chunk` reads field by field."""
+    choices = chunk.get("choices")
+    if type(choices) is not list or len(choices) != 1 or not _PLAIN_CHUNK_KEYS.issuperset(chunk):
+        return None
+    choice = choices[0]
+    if type(choice) is not dict or choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
+        return None
+    delta = choice.get("delta")
+    if type(delta) is not dict or len(delta) != 1:
+        return None
+    text = delta.get("content")
+    return text if type(text) is str and text else None
 
 
 def apply_chunk(job: proto.Job, chunk: dict[str, Any], result: JobResult, outgoing: list[proto.Message]) -> None:
