@@ -316,7 +316,8 @@ async def scale_scenario(session: aiohttp.ClientSession, procs: Procs, plan: Sce
             "tokens_per_s": round(sum(r["tokens_per_s"] for r in results), 1),
             "requests": sum(r["requests"] for r in results), "elapsed_s": results[0]["elapsed_s"],
             "ttft_ms": results[0]["ttft_ms"], "errors": sum(r["errors"] for r in results),
-            "short": sum(r["short"] for r in results), "error_samples": results[0]["error_samples"],
+            "short": sum(r["short"] for r in results),
+            "error_samples": [e for r in results for e in r["error_samples"]][:5],
         }  # fmt: skip
         rows.append(row(f"scale, flat out, {count} router process(es)", f"{count} × (router + sim worker)",
                         32 * count, merged))  # fmt: skip
