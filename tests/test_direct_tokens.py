@@ -18,6 +18,7 @@ from auxot_common import protocol as proto
 from auxot_router import EventChannel
 from tests.conftest import Cluster
 from tests.support.procs import RouterProcess
+from tests.support.scripted_worker import scripted_worker
 
 # --- the channel: who handles an item -----------------------------------------------------------
 
@@ -62,31 +63,6 @@ PIECES = (
 EXPECTED = "".join(PIECES)
 
 
-async def _scripted_worker(router: RouterProcess, jobs: list[proto.Job], stop: threading.Event) -> None:
-    """A worker that answers every job with PIECES in the frame pattern above."""
-    caps = proto.Capabilities(backend="llama.cpp", model="m", ctx_size=100_000, total_slots=4)
-    headers = {"Authorization": f"Bearer {router.keys.gpu_key}"}
-    async with aiohttp.ClientSession() as session, session.ws_connect(router.ws_url, headers=headers) as ws:
-        await ws.send_str(proto.encode(proto.Hello(gpu_key=router.keys.gpu_key, capabilities=caps)).decode())
-        ack = proto.decode((await ws.receive(timeout=10)).data)
-        assert isinstance(ack, proto.HelloAck) and ack.success and ack.batch
-        running: set[asyncio.Task[None]] = set()
-        while not stop.is_set():
-            try:
-                msg = await ws.receive(timeout=0.2)
-            except TimeoutError:
-                await ws.send_str(proto.encode(proto.Heartbeat(jobs=[])).decode())
-                continue
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                return
-            message = proto.decode(msg.data)
-            if isinstance(message, proto.Job):
-                jobs.append(message)
-                task = asyncio.create_task(_answer(ws, message))
-                running.add(task)
-                task.add_done_callback(running.discard)
-
-
 async def _answer(ws: aiohttp.ClientWebSocketResponse, job: proto.Job) -> None:
     def token(text: str) -> bytes:
         return proto.encode(proto.Token(job.job_id, text))
@@ -106,7 +82,12 @@ async def _answer(ws: aiohttp.ClientWebSocketResponse, job: proto.Job) -> None:
 def _with_scripted_worker(router: RouterProcess, run: Any) -> list[proto.Job]:
     jobs: list[proto.Job] = []
     stop = threading.Event()
-    thread = threading.Thread(target=lambda: asyncio.run(_scripted_worker(router, jobs, stop)), daemon=True)
+    async def answer(ws: aiohttp.ClientWebSocketResponse, job: proto.Job) -> None:
+        jobs.append(job)
+        await _answer(ws, job)
+
+    worker = scripted_worker(router, answer, slots=4, ctx_size=100_000, stop=stop.is_set)
+    thread = threading.Thread(target=lambda: asyncio.run(worker), daemon=True)
     thread.start()
     try:
         router.wait_workers(1)

@@ -15,6 +15,7 @@ from auxot_common import protocol as proto
 from tests.conftest import Cluster
 from tests.support import http
 from tests.support.procs import RouterProcess
+from tests.support.scripted_worker import scripted_worker
 
 USER = [{"role": "user", "content": "hi"}]
 # 5 failed verifications per address, then one more every 15 s: far slower than Argon2 on 2 cores
@@ -98,26 +99,11 @@ def wrong_key(router: RouterProcess, number: int, headers: dict[str, str]) -> in
 
 async def _silent_worker(router: RouterProcess, jobs: list[proto.Job], *, close_on_job: bool = False) -> None:
     """Connects, takes jobs and never answers them; its heartbeats list no job."""
-    caps = proto.Capabilities(backend="llama.cpp", model="m", ctx_size=1024, total_slots=1)
-    headers = {"Authorization": f"Bearer {router.keys.gpu_key}"}
-    async with aiohttp.ClientSession() as session, session.ws_connect(router.ws_url, headers=headers) as ws:
-        await ws.send_str(proto.encode(proto.Hello(gpu_key=router.keys.gpu_key, capabilities=caps)).decode())
-        ack = proto.decode((await ws.receive(timeout=10)).data)
-        assert isinstance(ack, proto.HelloAck) and ack.success
-        while True:
-            try:
-                msg = await ws.receive(timeout=0.2)
-            except TimeoutError:
-                await ws.send_str(proto.encode(proto.Heartbeat(jobs=[])).decode())
-                continue
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                return
-            message = proto.decode(msg.data)
-            if isinstance(message, proto.Job):
-                jobs.append(message)
-                if close_on_job:
-                    await ws.close()
-                    return
+
+    async def take(_: aiohttp.ClientWebSocketResponse, job: proto.Job) -> None:
+        jobs.append(job)
+
+    await scripted_worker(router, take, report_running=False, close_on_job=close_on_job)
 
 
 def test_a_job_the_worker_drops_silently_fails_instead_of_waiting_for_the_timeout(fake_cluster: Cluster) -> None:
