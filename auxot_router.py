@@ -626,6 +626,14 @@ class JobHandle:
     final: proto.Complete | proto.Error | None = None
     streamed_chars: int = 0  # text delivered to the caller (a usage estimate if it hangs up)
 
+    def content_delivered(self, chars: int, now: float) -> None:
+        """Content (text or a tool-call fragment) went to the caller: it may no longer be re-queued
+        (its text would repeat), and the first-token time and the hang-up estimate count it."""
+        self.content_sent = True
+        if self.stats.first_token_at is None:
+            self.stats.first_token_at = now
+        self.streamed_chars += chars
+
     def queue_ms(self) -> int:
         """Milliseconds it waited for a slot (so far, if it still waits)."""
         end = self.dispatched_at or time.monotonic()
@@ -731,11 +739,8 @@ class JobTracker:
                 if kind is proto.Token or kind is proto.ToolCallDelta:  # the common case, first
                     out.append(message)
                     # sent as of now: a WorkerLost later in this same batch must not re-queue
-                    handle.content_sent = True
-                    if handle.stats.first_token_at is None:
-                        handle.stats.first_token_at = time.monotonic()
-                    if kind is proto.Token:
-                        handle.streamed_chars += len(message.token)  # type: ignore[union-attr]
+                    chars = len(message.token) if kind is proto.Token else 0  # type: ignore[union-attr]
+                    handle.content_delivered(chars, time.monotonic())
                 elif isinstance(message, proto.Dispatched):
                     handle.dispatched_to = (message.instance_id, message.worker_id)
                     handle.dispatched_at = handle.dispatched_at or time.monotonic()
@@ -2559,12 +2564,9 @@ class DirectTokens:
         transport = self._request.transport
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return False
-        handle = self._handle  # what events() and encode_batch() note for a token
-        handle.content_sent = True
-        handle.streamed_chars += len(message.token)
-        handle.last_yield = time.monotonic()
-        if handle.stats.first_token_at is None:  # headers went out early, with a keep-alive
-            handle.stats.first_token_at = handle.last_yield
+        handle = self._handle
+        handle.last_yield = now = time.monotonic()  # no keep-alive due
+        handle.content_delivered(len(message.token), now)
         data = self._encoder.on_token(message)
         if not data:
             return True

@@ -1088,8 +1088,7 @@ class JobRunner:
                 break
             text = plain_content(chunk)
             if text is not None and result.stops is None and not result.unsent_logprobs:
-                for kind, piece in result.parser.feed(text):  # the common token: no other field to read
-                    add_token(outgoing, job, piece, reasoning=kind == REASONING)
+                add_content(outgoing, job, result, text)  # the common token: no other field to read
                 continue
             apply_chunk(job, chunk, result, outgoing)
             if result.stops is not None and result.stops.matched:
@@ -1158,8 +1157,7 @@ def apply_chunk(job: proto.Job, chunk: dict[str, Any], result: JobResult, outgoi
             if matched:
                 result.finish_reason = "stop"
         if content:
-            for kind, text in result.parser.feed(content):
-                add_token(outgoing, job, text, reasoning=kind == REASONING)
+            add_content(outgoing, job, result, content)
         if result.unsent_logprobs and job.stream:
             attach_logprobs(outgoing, result)
         if calls:
@@ -1211,6 +1209,12 @@ def new_result(job: proto.Job) -> JobResult:
         parser=TextParser(job.tools, extract_tools=bool(job.tools) and job.params.get("tool_choice") != "none"),
         stops=matcher,
     )
+
+
+def add_content(outgoing: list[proto.Message], job: proto.Job, result: JobResult, content: str) -> None:
+    """``delta.content`` through the parser (leaked think tags and tool calls), then queued."""
+    for kind, text in result.parser.feed(content):
+        add_token(outgoing, job, text, reasoning=kind == REASONING)
 
 
 def add_token(outgoing: list[proto.Message], job: proto.Job, text: str, *, reasoning: bool) -> None:
